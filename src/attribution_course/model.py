@@ -1,0 +1,68 @@
+"""Loading the model every chapter uses: the shipped IOI model by default."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+#: The course's own GPT-2-architecture model, trained by ``python -m attribution_course.train``.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "shipped_model"
+
+_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+class ModelLoadError(RuntimeError):
+    """A model directory or hub id could not be loaded; the message names it."""
+
+
+def check_model_dir(path: Path) -> None:
+    """Raise ``ModelLoadError`` naming ``path`` unless it holds a loadable HF model."""
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {path} does not exist")
+    missing = [f for f in _REQUIRED_FILES if not (path / f).is_file()]
+    if missing:
+        raise ModelLoadError(f"model directory {path} is missing {', '.join(missing)}")
+    try:
+        json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"model directory {path}: config.json is not valid JSON ({err})") from err
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, device: str = "cpu"):
+    """Load a ``TransformerBridge`` in eval mode with compatibility mode on.
+
+    ``None`` loads the shipped model (offline). A local directory in Hugging Face
+    format or a hub id such as ``"gpt2"`` works too; hub ids need network access
+    unless the model is already in the local Hugging Face cache.
+
+    Compatibility mode gives the legacy hook names (``blocks.0.attn.hook_z``) and
+    folds LayerNorm weights; eval mode switches dropout off, which would
+    otherwise make every ablation and gradient noisy.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if name_or_path is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        name_or_path = SHIPPED_MODEL_DIR
+    as_path = Path(name_or_path).expanduser()
+    is_local = as_path.exists() or isinstance(name_or_path, Path) or str(name_or_path).startswith((".", "/", "~"))
+    if is_local:
+        check_model_dir(as_path)
+        source = str(as_path.resolve())
+    else:
+        source = str(name_or_path)
+    try:
+        model = TransformerBridge.boot_transformers(source, device=device)
+    except Exception as err:  # the hub, safetensors and transformers raise many kinds
+        where = f"model directory {source}" if is_local else f"model {source!r}"
+        raise ModelLoadError(f"could not load {where}: {type(err).__name__}: {err}") from err
+    model.enable_compatibility_mode()
+    model.eval()
+    return model
+
+
+def head_labels(model) -> list[str]:
+    """``"L{layer}H{head}"`` for every attention head, layer-major."""
+    return [f"L{l}H{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+
