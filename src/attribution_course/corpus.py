@@ -21,12 +21,18 @@ TRAIN_NAMES: tuple[str, ...] = (
     "Kate", "Jack", "Lisa", "Mark", "Sarah", "David", "Laura", "Peter", "Emma", "Mike",
     "Alice", "Bob", "Jane", "Steve", "Ruth", "Carl", "Rose", "Frank", "Helen", "Sam",
     "Grace", "Henry", "Julia", "Kevin", "Linda", "Adam", "Nina", "Oscar", "Paula", "Ryan",
-    "Susan", "Tony", "Vera", "Will", "Eric", "Diana", "Brian", "Claire",
+    "Susan", "Tony", "Vera", "Will", "Eric", "Diana", "Brian", "Claire", "Alex", "Andrew",
+    "Arthur", "Barbara", "Betty", "Bill", "Carol", "Charles", "Chris", "Daniel", "Edward", "Ellen",
+    "Emily", "Fred", "Gary", "Harry", "Ian", "Jacob", "Jason", "Jeff", "Jennifer", "Jessica",
+    "Jim", "Joan", "Jordan", "Joseph", "Josh", "Justin", "Keith", "Kelly", "Larry", "Leo",
+    "Lewis", "Lily", "Luke", "Maria", "Matt", "Max", "Megan", "Michael", "Nancy", "Nathan",
+    "Neil", "Nick", "Oliver", "Patrick", "Philip", "Rachel", "Richard", "Robert", "Roger", "Sally",
+    "Scott", "Sean", "Sophie", "Stephen", "Thomas", "Tim", "Victoria", "Walter", "Wendy", "Zoe",
 )
 #: Names never seen in an IOI training sentence (they occur only in filler sentences).
 TEST_NAMES: tuple[str, ...] = (
     "Joe", "Ben", "Lucy", "George", "Ann", "Roy", "Jill", "Victor", "Karen", "Louis",
-    "Clara", "Simon",
+    "Clara", "Simon", "Hannah", "Ray", "Ed", "Amanda", "Colin", "Eva", "Greg", "Irene",
 )
 
 PLACES: tuple[str, ...] = (

@@ -52,3 +52,16 @@ def accuracy(logits: Float[torch.Tensor, "batch pos vocab"], prompts: IOIPrompts
     """Fraction of prompts whose top-1 prediction at the final position is the IO name."""
     top = logits[:, prompts.end_position, :].argmax(-1).cpu()
     return (top == prompts.io_token).float().mean().item()
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two tensors' entries (flattened): how well ``y`` tracks ``x``."""
+    if x.numel() != y.numel():
+        raise ValueError(f"pearson needs tensors with equal numbers of entries, got {x.numel()} and {y.numel()}")
+    return torch.corrcoef(torch.stack([x.flatten().double(), y.flatten().double()]))[0, 1].item()
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Rank correlation: Pearson correlation of the entries' ranks (ties broken by order)."""
+    rank = lambda t: t.flatten().argsort().argsort().double()  # noqa: E731
+    return pearson(rank(x), rank(y))

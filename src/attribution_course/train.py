@@ -3,7 +3,10 @@
 A small GPT-2 (``GPT2LMHeadModel``: LayerNorm, MLPs, several heads per layer)
 with a word-level tokenizer, trained from scratch on synthetic IOI sentences
 (training names and templates only) mixed with filler sentences that mention
-every name. Seeded; takes a few minutes on 2 CPU cores. Writes the Hugging Face
+every name. Names get fixed random embeddings that training never updates:
+the model cannot memorise a per-name answer and has to learn a mechanism that
+works for any name vector, which is what lets it handle the held-out names it
+never saw in an IOI sentence. Seeded; takes a few minutes on 2 CPU cores. Writes the Hugging Face
 files and ``MODEL_CARD.md`` (whose numbers come from this run's evaluation).
 """
 
@@ -23,6 +26,8 @@ from .model import SHIPPED_MODEL_DIR
 
 #: Architecture of the shipped model.
 ARCHITECTURE = dict(n_layer=4, n_head=4, n_embd=128, n_positions=32)
+#: Standard deviation of the fixed random embedding of every name.
+NAME_EMBEDDING_STD = 0.1
 
 
 def build_tokenizer():
@@ -108,6 +113,11 @@ def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -
         **ARCHITECTURE,
     )
     model = GPT2LMHeadModel(config)
+    name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
+    embedding = model.transformer.wte.weight  # tied with the unembedding
+    with torch.no_grad():
+        embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
+    fixed_name_embeddings = embedding[name_ids].detach().clone()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
@@ -123,6 +133,8 @@ def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        with torch.no_grad():  # undo the update (and weight decay) of the name rows
+            embedding[name_ids] = fixed_name_embeddings
         if step % 250 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
@@ -170,7 +182,9 @@ Synthetic sentences generated on the fly (`attribution_course.corpus`, seed {inf
 {len(corpus.TRAIN_NAMES)} training names, both ABBA and BABA orders, {len(corpus.PLACES)} places and {len(corpus.OBJECTS)} objects,
 each followed by its answer; 20% filler sentences (such as "a bag was given to Joe .") that
 mention every name, including the {len(corpus.TEST_NAMES)} held-out names, which never appear in a
-training IOI sentence. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
+training IOI sentence. Every name has a fixed random embedding (standard deviation
+{NAME_EMBEDDING_STD}) that training never updates, so the model cannot memorise
+per-name answers and must learn a mechanism that works for any name vector. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
 Next-token cross-entropy on every position, AdamW (lr {info['lr']}, one-cycle schedule),
 {info['steps']} steps of {info['batch_size']} sentences, no dropout: {info['train_seconds']} s on
 {info['torch_threads']} CPU threads (torch {info['torch_version']}).

@@ -1,0 +1,92 @@
+"""The shipped model still does what the model card and the book say it does."""
+
+import json
+
+import pytest
+import torch
+
+from attribution_course import patching
+from attribution_course.metrics import accuracy, logit_diff, pearson, spearman
+from attribution_course.model import SHIPPED_MODEL_DIR
+from attribution_course.prompts import make_ioi_prompts
+
+ACCURACY_BAR = 0.95
+LOGIT_DIFF_BAR = 2.0
+
+
+@pytest.fixture(scope="module")
+def held_out(model):
+    return make_ioi_prompts(model, 400, split="test", seed=1234)
+
+
+def test_held_out_accuracy_and_logit_difference_meet_the_bar(model, held_out):
+    with torch.no_grad():
+        logits = model(held_out.clean_tokens)
+    assert accuracy(logits, held_out) >= ACCURACY_BAR
+    assert logit_diff(logits, held_out).item() >= LOGIT_DIFF_BAR
+
+
+def test_model_card_reports_the_training_run_evaluation():
+    info = json.loads((SHIPPED_MODEL_DIR / "training_info.json").read_text())
+    card = (SHIPPED_MODEL_DIR / "MODEL_CARD.md").read_text()
+    held_out_accuracy = info["evaluation"]["test"]["top1_accuracy"]
+    assert held_out_accuracy >= ACCURACY_BAR
+    assert f"{held_out_accuracy:.1%}" in card
+
+
+@pytest.fixture(scope="module")
+def head_zero_ablation(model, test_prompts):
+    """Exact zero-ablation effect of every head, and the gradient estimates."""
+    metric = lambda logits: logit_diff(logits, test_prompts)  # noqa: E731
+    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=test_prompts.clean_tokens)
+    exact = patching.exact_sweep(model, test_prompts.clean_tokens, metric, zeros, "head").flatten()
+    names = patching.hook_names(model, "head")
+    _, acts, grads = patching.cache_activations_and_gradients(model, test_prompts.clean_tokens, metric, names)
+    minus_a_grad = torch.stack([-(acts[n] * grads[n]).sum((0, 1, 3)) for n in names]).flatten()
+    return exact, minus_a_grad
+
+
+def test_hooks_really_ablate_a_head(model, test_prompts, head_zero_ablation):
+    """Cross-check the sweep against a hand-written forward hook, one head."""
+    exact, _ = head_zero_ablation
+    strongest = exact.abs().argmax().item()
+    layer, head = divmod(strongest, model.cfg.n_heads)
+
+    def zero_head(z, hook):
+        z = z.clone()
+        z[:, :, head] = 0.0
+        return z
+
+    with torch.no_grad():
+        clean = logit_diff(model(test_prompts.clean_tokens), test_prompts)
+        ablated = logit_diff(
+            model.run_with_hooks(test_prompts.clean_tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)]),
+            test_prompts,
+        )
+    assert (ablated - clean).item() == pytest.approx(exact[strongest].item(), abs=1e-4)
+
+
+def test_minus_a_grad_tracks_exact_zero_ablation_and_plus_a_grad_does_not(head_zero_ablation):
+    exact, minus_a_grad = head_zero_ablation
+    right_sign = pearson(exact, minus_a_grad)
+    wrong_sign = pearson(exact, -minus_a_grad)
+    assert right_sign >= 0.9, f"Pearson(exact, -a*grad) = {right_sign:.3f}"
+    assert spearman(exact, minus_a_grad) >= 0.8
+    assert wrong_sign <= -0.9, f"Pearson(exact, +a*grad) = {wrong_sign:.3f}"
+    # the signs agree wherever the effect is not negligible
+    large = exact.abs() > 0.1 * exact.abs().max()
+    assert (torch.sign(exact[large]) == torch.sign(minus_a_grad[large])).all()
+
+
+def test_some_head_helps_when_removed_and_some_head_matters_a_lot(model, test_prompts, head_zero_ablation):
+    exact, _ = head_zero_ablation
+    assert exact.max().item() > 0.1, "no head whose zero ablation raises the logit difference"
+    metric = lambda logits: logit_diff(logits, test_prompts)  # noqa: E731
+    corrupted = patching.replacement_activations(
+        model, "head", kind="patch", base_tokens=test_prompts.clean_tokens, source_tokens=test_prompts.corrupted_tokens
+    )
+    noising = patching.exact_sweep(model, test_prompts.clean_tokens, metric, corrupted, "head")
+    with torch.no_grad():
+        clean = metric(model(test_prompts.clean_tokens)).item()
+    # name-mover-like heads: patching one head from the corrupted run removes a large share of the behaviour
+    assert noising.min().item() < -0.2 * clean
