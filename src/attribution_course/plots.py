@@ -1,0 +1,309 @@
+"""Plotly figures for the course: labelled heatmaps and exact-vs-estimate scatters.
+
+Every figure works offline and in both light and dark page themes:
+
+* :func:`use_course_renderer` makes ``fig.show()`` emit two representations:
+  Plotly's own JSON (JupyterLab and VS Code draw it natively) and a small HTML
+  snippet that calls the page's global ``Plotly`` (the book serves plotly.js
+  from its own ``_static/`` folder, so no CDN is contacted). The snippet's
+  ``<div>`` id is a hash of the figure, so rerunning a cell gives the same output.
+* the ``"course"`` template has a transparent background and a mid-grey font,
+  which reads on white and on near-black; the book's CSS lightens text further
+  in dark mode.
+* colour is never the only channel: heatmaps print their values in the cells,
+  scatters use marker symbols per series and name every point on hover.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import plotly.io as pio
+import torch
+
+from .patching import effect_shape, get_family
+
+#: Marker symbols cycled through by scatter series (shape, not colour, tells series apart).
+SYMBOLS = ("circle", "x", "diamond", "square", "triangle-up", "cross", "star", "triangle-down")
+#: A colour-blind-safe qualitative palette (Okabe & Ito).
+COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
+#: Diverging scale for signed effects: blue negative, white zero, red positive.
+DIVERGING = "RdBu_r"
+
+_GRID = "rgba(128,128,128,0.30)"
+_FONT = "#6b6b6b"
+
+
+def _course_template() -> go.layout.Template:
+    template = go.layout.Template(pio.templates["plotly_white"])
+    axis = dict(gridcolor=_GRID, zerolinecolor="rgba(128,128,128,0.55)", linecolor=_GRID, automargin=True)
+    template.layout.update(
+        paper_bgcolor="rgba(0,0,0,0)",
+        plot_bgcolor="rgba(0,0,0,0)",
+        font=dict(color=_FONT, size=13),
+        colorway=list(COLOURS),
+        xaxis=axis,
+        yaxis=axis,
+        margin=dict(l=60, r=20, t=60, b=50),
+        hoverlabel=dict(font=dict(color="#111111"), bgcolor="#fafafa"),
+    )
+    return template
+
+
+#: Set by the book's Sphinx extension (book/_ext/offline_assets.py) for the kernels it starts.
+BOOK_BUILD_ENV = "ATTRIBUTION_COURSE_BOOK_BUILD"
+
+
+class _CourseRenderer(pio.base_renderers.MimetypeRenderer):
+    """Plotly JSON for notebook front-ends plus an HTML snippet for the book.
+
+    In the book build only the HTML is emitted: MyST-NB has no renderer for
+    Plotly's JSON mime type and would warn (and the build treats warnings as errors).
+    """
+
+    def to_mimebundle(self, fig_dict):
+        bundle = {"text/html": figure_html(fig_dict)}
+        if not os.environ.get(BOOK_BUILD_ENV):
+            bundle.update(pio.base_renderers.PlotlyRenderer(config={"displaylogo": False}).to_mimebundle(fig_dict))
+        return bundle
+
+
+def figure_html(fig) -> str:
+    """An HTML ``<div>`` plus ``Plotly.newPlot`` call that uses the page's global Plotly.
+
+    The id is derived from the figure's JSON, so it is the same on every run.
+    """
+    fig_dict = fig if isinstance(fig, dict) else fig.to_dict()
+    digest = hashlib.sha1(json.dumps(fig_dict, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return pio.to_html(
+        fig_dict,
+        include_plotlyjs=False,
+        full_html=False,
+        div_id=f"fig-{digest}",
+        config={"displaylogo": False, "responsive": True},
+        validate=False,
+    )
+
+
+def use_course_renderer() -> None:
+    """Register the ``"course"`` template and renderer and make them the defaults."""
+    pio.templates["course"] = _course_template()
+    pio.templates.default = "course"
+    pio.renderers["course"] = _CourseRenderer()
+    pio.renderers.default = "course"
+
+
+def _numpy(values) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().float().numpy()
+    return np.asarray(values, dtype=float)
+
+
+# ------------------------------------------------------------------ labels
+
+
+def component_labels(model, family: str, position_labels: Sequence[str] | None = None) -> np.ndarray:
+    """A label for every component of ``family``, shaped like a sweep's result.
+
+    ``"L1H3"`` for heads, ``"L1H3@S2"`` for head x position, ``"resid_pre L2@end"``,
+    ``"MLP0"``, ``"MLP0@S2"``, ``"attn L0@end"``, ``"pattern L1H3"``.
+    """
+    fam = get_family(family)
+    positions = list(position_labels) if position_labels is not None else []
+    shape = effect_shape(model, fam, len(positions))
+    labels = np.empty(shape, dtype=object)
+    for index in np.ndindex(*shape):
+        layer, rest = index[0], dict(zip(fam.component_axes, index[1:]))
+        head = f"H{rest['head']}" if "head" in rest else ""
+        where = f"@{positions[rest['pos']]}" if "pos" in rest else ""
+        prefix = {"mlp": "MLP", "mlp_pos": "MLP", "resid_pos": "resid_pre L", "attn_pos": "attn L", "pattern": "pattern L"}
+        labels[index] = f"{prefix.get(fam.name, 'L')}{layer}{head}{where}"
+    return labels
+
+
+# ------------------------------------------------------------------ figures
+
+
+def heatmap(
+    values,
+    *,
+    x_labels: Sequence[str],
+    y_labels: Sequence[str],
+    title: str,
+    x_title: str = "",
+    y_title: str = "",
+    value_name: str = "effect",
+    show_values: bool = True,
+    digits: int = 2,
+    height: int | None = None,
+) -> go.Figure:
+    """A signed heatmap centred on zero, with axis labels and the values printed in the cells.
+
+    ``values`` has shape ``[len(y_labels), len(x_labels)]``.
+    """
+    z = _numpy(values)
+    if z.shape != (len(y_labels), len(x_labels)):
+        raise ValueError(f"heatmap values have shape {z.shape} but the labels give {(len(y_labels), len(x_labels))}")
+    limit = float(np.abs(z).max()) or 1.0
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=list(x_labels),
+            y=list(y_labels),
+            colorscale=DIVERGING,
+            zmid=0,
+            zmin=-limit,
+            zmax=limit,
+            colorbar=dict(title=dict(text=value_name)),
+            texttemplate=f"%{{z:.{digits}f}}" if show_values else None,
+            textfont=dict(size=10),
+            hovertemplate=f"{y_title or 'row'} %{{y}}<br>{x_title or 'column'} %{{x}}<br>{value_name} %{{z:.4f}}<extra></extra>",
+            xgap=1,
+            ygap=1,
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title=x_title, type="category", showgrid=False),
+        yaxis=dict(title=y_title, type="category", autorange="reversed", showgrid=False),
+        height=height or max(280, 60 + 28 * len(y_labels)),
+    )
+    return fig
+
+
+def layer_heatmap(values, model, family: str, *, title: str, position_labels: Sequence[str] | None = None, **kwargs) -> go.Figure:
+    """:func:`heatmap` of a sweep result, with rows and columns named after the family's axes.
+
+    ``head`` and ``pattern`` give layer x head; ``*_pos`` families give
+    layer x position (``head_pos`` gives layer.head x position).
+    """
+    fam = get_family(family)
+    z = _numpy(values)
+    layers = [f"L{layer}" for layer in range(model.cfg.n_layers)]
+    heads = [f"H{h}" for h in range(model.cfg.n_heads)]
+    positions = list(position_labels) if position_labels is not None else None
+    if fam.component_axes == ("head",):
+        return heatmap(z, x_labels=heads, y_labels=layers, title=title, x_title="head", y_title="layer", **kwargs)
+    if fam.component_axes == ("pos",):
+        return heatmap(z, x_labels=positions, y_labels=layers, title=title, x_title="position", y_title="layer", **kwargs)
+    if fam.component_axes == ("head", "pos"):
+        rows = [f"L{layer}H{h}" for layer in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
+        kwargs.setdefault("show_values", False)
+        return heatmap(z.reshape(len(rows), -1), x_labels=positions, y_labels=rows, title=title, x_title="position", y_title="head", **kwargs)
+    if fam.component_axes == ():
+        return heatmap(z.reshape(1, -1), x_labels=[f"MLP{layer}" for layer in range(len(z))], y_labels=["all positions"], title=title, x_title="layer", **kwargs)
+    raise ValueError(f"no heatmap layout for family {fam.name!r}")
+
+
+def exact_vs_estimate(
+    exact,
+    estimates: dict[str, object],
+    *,
+    labels,
+    title: str,
+    x_title: str = "exact effect  M(patched) − M(base)",
+    y_title: str = "estimate",
+) -> go.Figure:
+    """Scatter of estimates against exact effects, with the diagonal y = x.
+
+    ``estimates`` maps a series name (e.g. ``"(a' − a)·∂M/∂a"``) to values shaped
+    like ``exact``; each series gets its own marker symbol and colour. Points
+    are named by ``labels`` on hover. On the diagonal the estimate is perfect.
+    """
+    x = _numpy(exact).ravel()
+    names = np.asarray(labels, dtype=object).ravel()
+    if len(names) != len(x):
+        raise ValueError(f"{len(names)} labels for {len(x)} points")
+    fig = go.Figure()
+    everything = [x]
+    for k, (series, values) in enumerate(estimates.items()):
+        y = _numpy(values).ravel()
+        if y.shape != x.shape:
+            raise ValueError(f"series {series!r} has {y.size} values but exact has {x.size}")
+        everything.append(y)
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=y,
+                mode="markers",
+                name=series,
+                text=names,
+                marker=dict(symbol=SYMBOLS[k % len(SYMBOLS)], size=9, color=COLOURS[k % len(COLOURS)], line=dict(width=1)),
+                hovertemplate="%{text}<br>exact %{x:.4f}<br>" + series + " %{y:.4f}<extra></extra>",
+            )
+        )
+    low = float(min(v.min() for v in everything))
+    high = float(max(v.max() for v in everything))
+    pad = 0.05 * (high - low or 1.0)
+    low, high = low - pad, high + pad
+    fig.add_trace(
+        go.Scatter(
+            x=[low, high], y=[low, high], mode="lines", name="y = x (perfect estimate)",
+            line=dict(dash="dash", color="#888888", width=1.5), hoverinfo="skip",
+        )
+    )
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title=x_title, range=[low, high], zeroline=True),
+        yaxis=dict(title=y_title, range=[low, high], zeroline=True, scaleanchor="x", scaleratio=1),
+        height=520,
+        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
+    )
+    return fig
+
+
+def bar(values, *, labels: Sequence[str], title: str, y_title: str = "", series_name: str = "") -> go.Figure:
+    """A bar chart with the value printed on every bar."""
+    y = _numpy(values).ravel()
+    fig = go.Figure(go.Bar(x=list(labels), y=y, name=series_name, text=[f"{v:.2f}" for v in y], textposition="outside"))
+    fig.update_layout(title=title, yaxis=dict(title=y_title), xaxis=dict(type="category"), height=400)
+    return fig
+
+
+def grouped_bar(series: dict[str, Sequence[float]], *, labels: Sequence[str], title: str, y_title: str = "") -> go.Figure:
+    """Bars grouped by ``labels``, one pattern-filled bar per series (so print and colour-blind readers can tell them apart)."""
+    patterns = ("", "/", ".", "x", "\\", "+")
+    fig = go.Figure()
+    for k, (name, values) in enumerate(series.items()):
+        y = _numpy(values).ravel()
+        fig.add_trace(
+            go.Bar(
+                x=list(labels), y=y, name=name, text=[f"{v:.2f}" for v in y], textposition="outside",
+                marker=dict(color=COLOURS[k % len(COLOURS)], pattern=dict(shape=patterns[k % len(patterns)])),
+            )
+        )
+    fig.update_layout(title=title, barmode="group", yaxis=dict(title=y_title), xaxis=dict(type="category"), height=420)
+    return fig
+
+
+def lines(
+    x_values: dict[str, Sequence[float]],
+    y_values: dict[str, Sequence[float]],
+    *,
+    title: str,
+    x_title: str,
+    y_title: str,
+    point_labels: dict[str, Sequence[str]] | None = None,
+    log_axes: bool = False,
+) -> go.Figure:
+    """One line with markers per series (symbol and dash differ per series)."""
+    dashes = ("solid", "dash", "dot", "dashdot")
+    fig = go.Figure()
+    for k, name in enumerate(y_values):
+        fig.add_trace(
+            go.Scatter(
+                x=list(x_values[name]), y=list(y_values[name]), mode="lines+markers", name=name,
+                text=list(point_labels[name]) if point_labels else None,
+                marker=dict(symbol=SYMBOLS[k % len(SYMBOLS)], size=10, color=COLOURS[k % len(COLOURS)]),
+                line=dict(dash=dashes[k % len(dashes)], color=COLOURS[k % len(COLOURS)]),
+                hovertemplate=("%{text}<br>" if point_labels else "") + f"{x_title} %{{x}}<br>{y_title} %{{y:.3g}}<extra>{name}</extra>",
+            )
+        )
+    axis_type = "log" if log_axes else "linear"
+    fig.update_layout(title=title, xaxis=dict(title=x_title, type=axis_type), yaxis=dict(title=y_title, type=axis_type), height=450)
+    return fig
