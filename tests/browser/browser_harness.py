@@ -1,0 +1,523 @@
+"""Drive Debian's headless Chromium over the built book and report what a reader would see.
+
+Each page is visited once (`visit_page`): the visit loads it from a localhost server, waits for
+MathJax and plotly, saves screenshots, gathers the page's facts in one JavaScript round trip
+(page_facts.js), measures every plotly figure in pixels (light and dark theme), clicks the
+download-role links, and fetches the favicon and download buttons. The tests then only read the
+`PageReport`. The `*_problems` functions turn a report into human-readable defects (an empty
+list means the check passed); the same functions are run on small synthetic pages in
+test_checks_can_fail.py to show that each check fails on the defect it is meant to catch.
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# BROWSER_TEST_BOOK points the tests at another book folder (its _build/html), e.g. a scratch build.
+BOOK_DIR = Path(os.environ.get("BROWSER_TEST_BOOK", REPO_ROOT / "book"))
+SITE_DIR = BOOK_DIR / "_build" / "html"
+OUTPUT_DIR = REPO_ROOT / "test-output" / "browser"
+
+CHROMIUM = Path("/usr/bin/chromium")
+# The flags the project's browser tests always use (Playwright adds its own automation flags).
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    # Second line of defence behind request interception: no host name but localhost resolves.
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
+]
+VIEWPORT = {"width": 1366, "height": 900}  # wide enough for the theme to show the primary sidebar
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+CHAPTERS = [
+    "01_introduction",
+    "02_task_and_metric",
+    "03_exact_ablation",
+    "04_activation_patching",
+    "05_first_order_approximation",
+    "06_getting_the_sign_right",
+    "07_mean_ablation_and_baselines",
+    "08_when_the_approximation_fails",
+    "09_cost",
+]
+EXERCISE_CHAPTERS = CHAPTERS[1:8]  # 02..08 end with a download link to their exercises notebook
+OTHER_PAGES = ["reference", "bibliography"]
+
+# Pixel thresholds. A channel must move by more than this to count as a changed pixel
+# (anti-aliasing noise between two screenshots of the same pixels is 0; this only ignores faint blending).
+PIXEL_CHANGE_THRESHOLD = 24
+MIN_DRAWN_FRACTION = 0.001  # every figure: at least 0.1% of its data area is drawn by its traces
+MIN_HEATMAP_FRACTION = 0.30  # a heatmap covers a large part of its axes
+MIN_TEXT_CONTRAST = 3.0  # WCAG 2 minimum for large text and graphics; 1.0 = invisible
+
+FACTS_JS = (Path(__file__).with_name("page_facts.js")).read_text()
+
+# In-page fetch, so the browser's own view of a URL is tested (status, type, and notebook shape).
+FETCH_JS = """async (url) => {
+  try {
+    const r = await fetch(url, {cache: "no-store"});
+    const body = await r.text();
+    let notebook = null;
+    try { const nb = JSON.parse(body); if (nb && Array.isArray(nb.cells)) notebook = {nbformat: nb.nbformat, cells: nb.cells.length}; } catch (e) {}
+    return {url, status: r.status, contentType: r.headers.get("content-type") || "", length: body.length, head: body.slice(0, 200), notebook};
+  } catch (e) { return {url, status: 0, contentType: "", length: 0, head: String(e), notebook: null}; }
+}"""
+
+WAIT_FOR_MATHJAX_JS = """async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) await MathJax.startup.promise;
+}"""
+ALL_FIGURES_DRAWN_JS = """() => [...document.querySelectorAll('.plotly-graph-div')]
+    .every(d => d.querySelector('svg.main-svg, canvas'))"""
+# The theme's own switch sets these two attributes; a reader in dark mode sees exactly this.
+DARK_THEME_JS = """() => { const d = document.documentElement; d.dataset.mode = 'dark'; d.dataset.theme = 'dark'; }"""
+SETTLE_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+# Clicking download links leaves focus on them (and shows the theme's skip link): undo before screenshots.
+RESET_VIEW_JS = "() => { if (document.activeElement) document.activeElement.blur(); window.scrollTo(0, 0); }"
+
+# Opacity on a group cannot be overridden by its children, unlike visibility.
+HIDE_FIGURE_DATA_CSS = """
+.js-plotly-plot .cartesianlayer .plot, .js-plotly-plot .cartesianlayer .overplot, .js-plotly-plot .polarlayer .plot, .js-plotly-plot .ternarylayer .plot,
+.js-plotly-plot .pielayer, .js-plotly-plot .funnelarealayer, .js-plotly-plot .gl-container,
+.js-plotly-plot .geolayer, .js-plotly-plot .barlayer { opacity: 0 !important; }"""
+HIDE_FIGURE_TEXT_CSS = ".js-plotly-plot svg text { opacity: 0 !important; }"
+
+
+# ---------------------------------------------------------------- local web server
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
+        pass
+
+
+class StaticServer:
+    """Serves one directory on 127.0.0.1 at a free port, in a daemon thread."""
+
+    def __init__(self, directory: Path):
+        handler = functools.partial(_QuietHandler, directory=str(directory))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_port}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return self.base_url + path.lstrip("/")
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---------------------------------------------------------------- browser
+
+
+def is_local(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme in ("data", "blob", "about"):
+        return True
+    return parts.hostname in LOCAL_HOSTS
+
+
+def launch_browser(playwright):
+    """Debian's Chromium, headless, with a fresh temporary profile (Playwright makes one per launch)."""
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+
+
+def new_reader_context(browser, blocked_requests: list[str]):
+    """A first-time reader: empty storage and cache; every request not to localhost is aborted and logged."""
+    context = browser.new_context(
+        viewport=VIEWPORT,
+        device_scale_factor=1,
+        color_scheme="light",
+        accept_downloads=True,
+        service_workers="block",
+    )
+
+    def guard(route):
+        url = route.request.url
+        if is_local(url):
+            route.continue_()
+        else:
+            blocked_requests.append(url)
+            route.abort("blockedbyclient")
+
+    context.route("**/*", guard)
+    return context
+
+
+# ---------------------------------------------------------------- pixels
+
+
+def _rgb(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def _crop(image: np.ndarray, area: dict | None) -> np.ndarray:
+    if not area:
+        return image
+    top, left = max(0, int(round(area["y"]))), max(0, int(round(area["x"])))
+    bottom, right = top + int(area["height"]), left + int(area["width"])
+    return image[top:bottom, left:right]
+
+
+def changed_pixels(with_png: bytes, without_png: bytes, area: dict | None = None):
+    """Pixels that differ between two screenshots of the same box: (mask, with_rgb, without_rgb)."""
+    shown, hidden = _crop(_rgb(with_png), area), _crop(_rgb(without_png), area)
+    if shown.shape != hidden.shape:  # the page moved between the two shots: treat as unmeasurable
+        raise AssertionError(f"screenshots differ in size: {shown.shape} vs {hidden.shape}")
+    mask = np.abs(shown - hidden).max(axis=-1) > PIXEL_CHANGE_THRESHOLD
+    return mask, shown, hidden
+
+
+def drawn_fraction(with_png: bytes, without_png: bytes, area: dict | None) -> float:
+    """Fraction of the data area whose pixels change when the figure's traces are hidden."""
+    mask, _, _ = changed_pixels(with_png, without_png, area)
+    return float(mask.mean()) if mask.size else 0.0
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """WCAG 2 relative luminance of sRGB colours, shape [..., 3] -> [...]."""
+    c = rgb.astype(np.float64) / 255.0
+    linear = np.where(c <= 0.03928, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    return linear @ np.array([0.2126, 0.7152, 0.0722])
+
+
+def contrast_ratio(rgb_a: np.ndarray, rgb_b: np.ndarray) -> np.ndarray:
+    la, lb = _luminance(rgb_a), _luminance(rgb_b)
+    return (np.maximum(la, lb) + 0.05) / (np.minimum(la, lb) + 0.05)
+
+
+def text_contrast(with_png: bytes, without_png: bytes) -> float:
+    """Contrast of a figure's text against what is behind it, as drawn on screen.
+
+    Text pixels are those that change when the SVG text is hidden; the contrast of each is its
+    colour against the same pixel without text. The 90th percentile keeps the solid strokes and
+    drops anti-aliased edges. Text drawn in the background colour changes no pixel: contrast 1.
+    """
+    mask, shown, hidden = changed_pixels(with_png, without_png)
+    if not mask.any():
+        return 1.0
+    return float(np.percentile(contrast_ratio(shown[mask], hidden[mask]), 90))
+
+
+# ---------------------------------------------------------------- one visit per page
+
+
+@dataclass
+class FigureReport:
+    index: int
+    id: str
+    trace_types: list[str]
+    rendered: bool
+    has_drawing: bool
+    width: float
+    height: float
+    text_count: int
+    drawn_fraction: float | None = None  # light theme, data area
+    text_contrast: dict[str, float | None] = field(default_factory=dict)  # theme -> ratio
+    dark_has_drawing: bool | None = None
+
+    def label(self, page: str) -> str:
+        kinds = ",".join(sorted(set(self.trace_types))) or "no traces"
+        return f"{page} figure #{self.index + 1} ({kinds}, id {self.id or '?'})"
+
+
+@dataclass
+class PageReport:
+    name: str
+    url: str
+    status: int
+    facts: dict
+    dark_facts: dict | None = None
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    http_errors: list[str] = field(default_factory=list)
+    blocked_requests: list[str] = field(default_factory=list)
+    figures: list[FigureReport] = field(default_factory=list)
+    screenshots: list[Path] = field(default_factory=list)
+    fetched: dict[str, dict] = field(default_factory=dict)  # url -> FETCH_JS result
+    downloads: list[dict] = field(default_factory=list)  # clicked download-role links
+    seconds: float = 0.0
+
+
+def _element_shots(page, selector: str, indices: list[int]) -> dict[int, bytes]:
+    handles = page.query_selector_all(selector)
+    return {i: handles[i].screenshot(animations="disabled") for i in indices}
+
+
+def _shots_with_css(page, css: str, indices: list[int]) -> dict[int, bytes]:
+    style = page.add_style_tag(content=css)
+    page.evaluate(SETTLE_JS)
+    try:
+        return _element_shots(page, ".plotly-graph-div", indices)
+    finally:
+        style.evaluate("node => node.remove()")
+        page.evaluate(SETTLE_JS)
+
+
+def _measure_text_contrast(page, figures: list[FigureReport], theme: str):
+    with_text_indices = [f.index for f in figures if f.has_drawing and f.text_count and f.width and f.height]
+    if not with_text_indices:
+        return
+    shown = _element_shots(page, ".plotly-graph-div", with_text_indices)
+    hidden = _shots_with_css(page, HIDE_FIGURE_TEXT_CSS, with_text_indices)
+    for i in with_text_indices:
+        figures[i].text_contrast[theme] = text_contrast(shown[i], hidden[i])
+
+
+def visit_page(
+    browser,
+    url: str,
+    name: str,
+    blocked_log: list[str],
+    output_dir: Path = OUTPUT_DIR,
+    *,
+    wait_for_selector: str | None = None,
+    check_dark: bool = True,
+    fetch_urls=lambda facts: [],
+    click_downloads: bool = True,
+    render_timeout_ms: int = 15_000,
+) -> PageReport:
+    """Load `url` once and record everything the tests check about it (see module docstring)."""
+    started = time.monotonic()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    blocked_before = len(blocked_log)
+    context = new_reader_context(browser, blocked_log)
+    page = context.new_page()
+    console_errors, page_errors, http_errors = [], [], []
+
+    def on_console(message):
+        if message.type == "error":
+            where = message.location or {}
+            console_errors.append(f"{message.text} [{where.get('url', '')}:{where.get('lineNumber', '')}]")
+
+    page.on("console", on_console)
+    page.on("pageerror", lambda error: page_errors.append(str(error)))
+    page.on("response", lambda response: response.status >= 400 and http_errors.append(f"{response.status} {response.url}"))
+    try:
+        response = page.goto(url, wait_until="load", timeout=30_000)
+        status = response.status if response else 0
+        _wait_for_rendering(page, wait_for_selector, render_timeout_ms)
+        facts = page.evaluate(FACTS_JS)
+        report = PageReport(name=name, url=url, status=status, facts=facts)
+        shot = output_dir / f"{name}.png"
+        page.screenshot(path=str(shot), full_page=True, animations="disabled")
+        report.screenshots.append(shot)
+
+        report.figures = [
+            FigureReport(
+                index=f["index"],
+                id=f["id"],
+                trace_types=f["traceTypes"],
+                rendered=f["rendered"],
+                has_drawing=f["hasSvg"] or f["canvasCount"] > 0,
+                width=f["drawingWidth"],
+                height=f["drawingHeight"],
+                text_count=f["textCount"],
+            )
+            for f in facts["figures"]
+        ]
+        drawable = [f.index for f in report.figures if f.has_drawing and f.width > 0 and f.height > 0]
+        if drawable:
+            shown = _element_shots(page, ".plotly-graph-div", drawable)
+            hidden = _shots_with_css(page, HIDE_FIGURE_DATA_CSS, drawable)
+            for i in drawable:
+                area = facts["figures"][i]["plotArea"]
+                report.figures[i].drawn_fraction = drawn_fraction(shown[i], hidden[i], area)
+        _measure_text_contrast(page, report.figures, "light")
+
+        for target in fetch_urls(facts):
+            report.fetched[target] = page.evaluate(FETCH_JS, target)
+        if click_downloads:
+            report.downloads = _click_download_links(page)
+
+        if check_dark:
+            page.emulate_media(color_scheme="dark")
+            page.evaluate(DARK_THEME_JS)
+            page.evaluate(RESET_VIEW_JS)
+            page.wait_for_timeout(300)  # let theme-change listeners restyle figures
+            page.evaluate(SETTLE_JS)
+            report.dark_facts = page.evaluate(FACTS_JS)
+            dark_shot = output_dir / f"{name}-dark.png"
+            page.screenshot(path=str(dark_shot), full_page=True, animations="disabled")
+            report.screenshots.append(dark_shot)
+            for f, dark in zip(report.figures, report.dark_facts["figures"]):
+                f.dark_has_drawing = (dark["hasSvg"] or dark["canvasCount"] > 0) and dark["drawingWidth"] > 0
+            _measure_text_contrast(page, report.figures, "dark")
+    finally:
+        context.close()
+    report.console_errors, report.page_errors, report.http_errors = console_errors, page_errors, http_errors
+    report.blocked_requests = blocked_log[blocked_before:]
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _wait_for_rendering(page, wait_for_selector: str | None, timeout_ms: int):
+    """Wait for MathJax and plotly to finish; on time-out go on, and let the checks report it."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for wait in (
+        lambda: page.wait_for_load_state("networkidle", timeout=timeout_ms),
+        lambda: page.evaluate(WAIT_FOR_MATHJAX_JS),
+        lambda: page.wait_for_function(ALL_FIGURES_DRAWN_JS, timeout=timeout_ms),
+        lambda: wait_for_selector and page.wait_for_selector(wait_for_selector, timeout=timeout_ms),
+    ):
+        try:
+            wait()
+        except PlaywrightTimeout:
+            pass
+    page.evaluate(SETTLE_JS)
+
+
+def _click_download_links(page) -> list[dict]:
+    """Click every {download} link as a reader would and inspect the file the browser saves."""
+    results = []
+    for link in page.query_selector_all("a.reference.download"):
+        href = link.evaluate("a => a.href")
+        entry = {"href": href, "filename": "", "failure": None, "notebook": None, "bytes": b""}
+        try:
+            with page.expect_download(timeout=10_000) as info:
+                link.click()
+            download = info.value
+            entry["filename"] = download.suggested_filename
+            entry["failure"] = download.failure()
+            if not entry["failure"]:
+                entry["bytes"] = Path(download.path()).read_bytes()
+                try:
+                    notebook = json.loads(entry["bytes"])
+                    entry["notebook"] = {"nbformat": notebook.get("nbformat"), "cells": len(notebook.get("cells", []))}
+                except (ValueError, AttributeError):
+                    pass
+        except Exception as error:  # noqa: BLE001 - any failure to download is the finding
+            entry["failure"] = f"clicking did not download: {error}".splitlines()[0]
+        results.append(entry)
+    return results
+
+
+# ---------------------------------------------------------------- checks: report -> list of defects
+
+
+def load_problems(report: PageReport) -> list[str]:
+    problems = []
+    if report.status != 200:
+        problems.append(f"{report.name}: HTTP status {report.status} for {report.url}")
+    problems += [f"{report.name}: console error: {e}" for e in report.console_errors]
+    problems += [f"{report.name}: uncaught JavaScript error: {e}" for e in report.page_errors]
+    problems += [f"{report.name}: failed request: {e}" for e in report.http_errors]
+    return problems
+
+
+def offline_problems(report: PageReport) -> list[str]:
+    return [f"{report.name}: request to the network (blocked): {url}" for url in report.blocked_requests]
+
+
+def figure_problems(report: PageReport, expected_count: int | None = None) -> list[str]:
+    """Every plotly output div rendered, has a non-empty drawing, and its traces put pixels on screen."""
+    problems = []
+    if expected_count is not None and len(report.figures) < expected_count:
+        problems.append(
+            f"{report.name}: the executed notebook has {expected_count} plotly figure output(s) "
+            f"but the page shows {len(report.figures)} plotly div(s)"
+        )
+    if report.figures and not report.facts["plotlyLoaded"]:
+        problems.append(f"{report.name}: window.Plotly is not defined (plotly.js did not load)")
+    for f in report.figures:
+        label = f.label(report.name)
+        if not f.rendered or not f.has_drawing:
+            problems.append(f"{label}: not rendered (no SVG or canvas inside the plotly div)")
+        elif f.width <= 0 or f.height <= 0:
+            problems.append(f"{label}: drawing has zero size ({f.width}x{f.height})")
+        elif f.drawn_fraction is None or f.drawn_fraction < MIN_DRAWN_FRACTION:
+            problems.append(f"{label}: blank: its traces change {100 * (f.drawn_fraction or 0):.3f}% of the data area")
+    return problems
+
+
+def dark_figure_problems(report: PageReport) -> list[str]:
+    problems = []
+    if report.dark_facts is None:
+        return [f"{report.name}: dark theme not checked"]
+    if report.dark_facts["theme"] != "dark":
+        problems.append(f"{report.name}: data-theme is {report.dark_facts['theme']!r} after switching to dark")
+    for f in report.figures:
+        if f.rendered and f.has_drawing and not f.dark_has_drawing:
+            problems.append(f"{f.label(report.name)}: disappears in dark theme")
+    return problems
+
+
+def text_contrast_problems(report: PageReport, theme: str) -> list[str]:
+    problems = []
+    for f in report.figures:
+        ratio = f.text_contrast.get(theme)
+        if ratio is not None and ratio < MIN_TEXT_CONTRAST:
+            problems.append(
+                f"{f.label(report.name)}: text contrast {ratio:.2f}:1 in {theme} theme "
+                f"(needs >= {MIN_TEXT_CONTRAST}:1; 1.0 means text in the background colour)"
+            )
+    return problems
+
+
+def math_problems(report: PageReport) -> list[str]:
+    facts, name = report.facts, report.name
+    problems = []
+    if facts["mathCount"] and not facts["mathJaxVersion"]:
+        problems.append(f"{name}: {facts['mathCount']} formula(s) but MathJax did not load")
+    problems += [f"{name}: formula not typeset: '{text}'" for text in facts["untypesetMath"]]
+    problems += [f"{name}: MathJax error: '{text}'" for text in facts["mathErrors"]]
+    problems += [f"{name}: raw TeX in the text: '{text}'" for text in facts["rawMath"]]
+    return problems
+
+
+def title_problems(report: PageReport, course_title: str) -> list[str]:
+    title = report.facts["title"]
+    if course_title not in title:
+        return [f"{report.name}: <title> is {title!r}, without the course title {course_title!r}"]
+    if not title.replace(course_title, "").strip(" -—|·"):
+        return [f"{report.name}: <title> {title!r} does not name the page"]
+    return []
+
+
+def fetch_problems(report: PageReport, url: str, what: str, *, notebook: bool = False, content_type: str = "") -> list[str]:
+    result = report.fetched.get(url)
+    if result is None:
+        return [f"{report.name}: {what} {url} was not fetched"]
+    if result["status"] != 200:
+        return [f"{report.name}: {what} {url} answered HTTP {result['status']}"]
+    if result["length"] == 0:
+        return [f"{report.name}: {what} {url} is empty"]
+    if content_type and content_type not in result["contentType"]:
+        return [f"{report.name}: {what} {url} has content type {result['contentType']!r}, expected {content_type}"]
+    if notebook and not (result["notebook"] and result["notebook"]["nbformat"] == 4 and result["notebook"]["cells"] > 0):
+        return [f"{report.name}: {what} {url} is not a notebook with cells: {result['head'][:80]!r}"]
+    return []
+
+
+def favicon_problems(report: PageReport) -> list[str]:
+    icons = report.facts["favicons"]
+    if not icons:
+        return [f"{report.name}: no <link rel=icon>"]
+    return [p for url in icons for p in fetch_problems(report, url, "favicon", content_type="image/")]
+
+
+def page_url_name(url: str) -> str:
+    """'http://127.0.0.1:5/03_exact_ablation.html#x' -> '03_exact_ablation'."""
+    path = urlsplit(url).path
+    return path.rsplit("/", 1)[-1].removesuffix(".html")

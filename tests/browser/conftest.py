@@ -1,0 +1,129 @@
+"""Fixtures for the real-browser tests: a localhost server, one headless Chromium, one visit per page.
+
+Every test in this folder is marked `browser`. Without /usr/bin/chromium (or the Python driver)
+they are skipped with the reason; with REQUIRE_BROWSER_TESTS=1 (set by `make browser-test` and
+.ci/run) a missing browser is an error instead, so CI cannot pass by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import browser_harness as harness
+
+HERE = Path(__file__).parent
+VISITED: list[harness.PageReport] = []  # every page visit of the session, for the summary line
+
+
+def _missing_requirement() -> str | None:
+    if not harness.CHROMIUM.exists():
+        return f"{harness.CHROMIUM} not found (install Debian's chromium: `make browser-test` does it)"
+    try:
+        import playwright.sync_api  # noqa: F401
+        import PIL  # noqa: F401
+    except ImportError as error:
+        return f"Python driver missing ({error.name}); `make browser-test` or `make venv` installs it"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    missing = _missing_requirement()
+    required = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"
+    for item in items:
+        if HERE not in Path(item.fspath).parents:
+            continue
+        item.add_marker(pytest.mark.browser)
+        if missing and not required:
+            item.add_marker(pytest.mark.skip(reason=f"browser tests skipped: {missing}"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if VISITED:
+        seconds = sum(r.seconds for r in VISITED)
+        figures = sum(len(r.figures) for r in VISITED)
+        terminalreporter.write_line(
+            f"browser: {len(VISITED)} pages, {figures} plotly figures visited in {seconds:.0f} s; "
+            f"screenshots in {harness.OUTPUT_DIR.relative_to(harness.REPO_ROOT)}/"
+        )
+
+
+@pytest.fixture(scope="session")
+def blocked_requests() -> list[str]:
+    """Every request the browser tried to make to anything but localhost (all were aborted)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the whole session; each page visit gets a fresh context."""
+    missing = _missing_requirement()
+    if missing:
+        pytest.fail(f"REQUIRE_BROWSER_TESTS=1 but {missing}")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = harness.launch_browser(playwright)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def serve():
+    """serve(directory) -> StaticServer on 127.0.0.1 at a free port; all are shut down at the end."""
+    servers = []
+
+    def start(directory: Path) -> harness.StaticServer:
+        servers.append(harness.StaticServer(directory))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def site_server(serve):
+    index = harness.SITE_DIR / "index.html"
+    if not index.exists():
+        pytest.fail(f"{index} does not exist: build the book first (`make book`)")
+    return serve(harness.SITE_DIR)
+
+
+@pytest.fixture(scope="session")
+def site(browser, site_server, blocked_requests):
+    """site.report(page_name) visits book/_build/html/<page_name>.html once and caches the report."""
+    return SiteVisits(browser, site_server, blocked_requests)
+
+
+class SiteVisits:
+    def __init__(self, browser, server, blocked_log):
+        self.browser, self.server, self.blocked_log = browser, server, blocked_log
+        self.reports: dict[str, harness.PageReport] = {}
+
+    def report(self, page_name: str, query: str = "", **options) -> harness.PageReport:
+        key = page_name + query
+        if key not in self.reports:
+            path = harness.SITE_DIR / f"{page_name}.html"
+            if not path.exists():
+                pytest.fail(f"{path} was not built")
+            self.reports[key] = report = harness.visit_page(
+                self.browser,
+                self.server.url(f"{page_name}.html{query}"),
+                page_name.replace("/", "__"),
+                self.blocked_log,
+                fetch_urls=_urls_to_fetch,
+                **options,
+            )
+            VISITED.append(report)
+        return self.reports[key]
+
+
+def _urls_to_fetch(facts: dict) -> list[str]:
+    """The favicon, the download buttons and the previous/next pages: each fetched by the browser."""
+    urls = list(facts["favicons"])
+    urls += [b["href"] for b in facts["downloadNotebookButtons"] + facts["downloadSourceButtons"]]
+    urls += [link["href"] for link in (facts["previous"], facts["next"]) if link]
+    return list(dict.fromkeys(u for u in urls if harness.is_local(u)))

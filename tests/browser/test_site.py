@@ -1,0 +1,208 @@
+"""The built book (book/_build/html) as a reader sees it in headless Chromium, offline.
+
+Each page is loaded once (see conftest.SiteVisits); the tests below read its report. Screenshots
+(light and dark theme) are saved in test-output/browser/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+import browser_harness as harness
+from browser_harness import CHAPTERS, EXERCISE_CHAPTERS, OTHER_PAGES, SITE_DIR, BOOK_DIR
+
+
+def _appendix_pages() -> list[str]:
+    """Rendered solution notebooks, if the book has been built (generated at build time)."""
+    return sorted(f"appendix/{p.stem}" for p in (SITE_DIR / "appendix").glob("*.html"))
+
+
+PAGES = CHAPTERS + OTHER_PAGES + _appendix_pages()
+
+
+def _expected_plotly_outputs(page_name: str) -> int | None:
+    """How many plotly figures the executed notebook of this page holds (None when it has no notebook)."""
+    notebook_path = BOOK_DIR / "_build" / "jupyter_execute" / f"{page_name}.ipynb"
+    if not notebook_path.exists():
+        return None
+    notebook = json.loads(notebook_path.read_text())
+    count = 0
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            html = data.get("text/html", "")
+            html = "".join(html) if isinstance(html, list) else html
+            if "application/vnd.plotly.v1+json" in data or "plotly-graph-div" in html:
+                count += 1
+    return count
+
+
+@pytest.fixture(scope="session")
+def course_title() -> str:
+    config = yaml.safe_load((BOOK_DIR / "_config.yml").read_text())
+    title = (config or {}).get("title")
+    assert title, "book/_config.yml has no title"
+    return title
+
+
+def _assert_none(problems: list[str]):
+    assert not problems, "\n".join(problems)
+
+
+# ---------------------------------------------------------------- every page
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_loads_without_console_errors(site, page):
+    _assert_none(harness.load_problems(site.report(page)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_page_makes_no_request_off_localhost(site, page):
+    _assert_none(harness.offline_problems(site.report(page)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_plotly_figure_renders_with_visible_data(site, page):
+    report = site.report(page)
+    _assert_none(harness.figure_problems(report, expected_count=_expected_plotly_outputs(page)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_math_is_typeset(site, page):
+    _assert_none(harness.math_problems(site.report(page)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_figures_readable_in_light_and_dark_theme(site, page):
+    report = site.report(page)
+    _assert_none(
+        harness.dark_figure_problems(report)
+        + harness.text_contrast_problems(report, "light")
+        + harness.text_contrast_problems(report, "dark")
+    )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_title_favicon_and_logo(site, page, course_title):
+    report = site.report(page)
+    logos_loaded = [logo for logo in report.facts["logos"] if logo["naturalWidth"] > 0]
+    _assert_none(
+        harness.title_problems(report, course_title)
+        + harness.favicon_problems(report)
+        + ([] if logos_loaded else [f"{page}: no logo image loaded in the navbar: {report.facts['logos']}"])
+    )
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_screenshots_saved(site, page):
+    report = site.report(page)
+    for shot in report.screenshots:
+        assert shot.exists() and shot.stat().st_size > 10_000, f"screenshot {shot} missing or tiny"
+
+
+# ---------------------------------------------------------------- chapters
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_is_numbered_in_sidebar(site, chapter):
+    sidebar = site.report(chapter).facts["sidebar"]
+    number = int(chapter[:2])
+    entries = [link["text"] for link in sidebar if harness.page_url_name(link["href"]) == chapter]
+    assert entries, f"{chapter}: no sidebar link to the chapter; sidebar has {[e['text'] for e in sidebar]}"
+    assert any(re.match(rf"{number}\.\s", text) for text in entries), (
+        f"{chapter}: sidebar entry {entries} is not numbered '{number}. '"
+    )
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_previous_and_next_links(site, chapter):
+    report = site.report(chapter)
+    position = CHAPTERS.index(chapter)
+    expected = {
+        "previous": CHAPTERS[position - 1] if position > 0 else None,
+        "next": CHAPTERS[position + 1] if position + 1 < len(CHAPTERS) else None,
+    }
+    problems = []
+    for direction, target in expected.items():
+        link = report.facts[direction]
+        if target is None:
+            continue
+        if link is None:
+            problems.append(f"{chapter}: no '{direction}' link (expected {target})")
+        elif harness.page_url_name(link["href"]) != target:
+            problems.append(f"{chapter}: '{direction}' link goes to {link['href']}, expected {target}")
+        else:
+            problems += harness.fetch_problems(report, link["href"], f"'{direction}' page")
+    _assert_none(problems)
+
+
+@pytest.mark.parametrize("chapter", EXERCISE_CHAPTERS)
+def test_exercises_notebook_downloads(site, chapter):
+    """The {download} link at the end of the chapter saves the learner's notebook when clicked."""
+    report = site.report(chapter)
+    wanted = f"{chapter}.ipynb"
+    downloads = [d for d in report.downloads if d["href"].endswith("/" + wanted)]
+    assert downloads, f"{chapter}: no download link to {wanted}; links: {[d['href'] for d in report.downloads]}"
+    for download in downloads:
+        assert not download["failure"], f"{chapter}: download of {download['href']} failed: {download['failure']}"
+        assert download["filename"] == wanted, f"{chapter}: browser saved {download['filename']!r}, expected {wanted}"
+        notebook = download["notebook"]
+        assert notebook and notebook["nbformat"] == 4 and notebook["cells"] > 0, (
+            f"{chapter}: {download['href']} is not a notebook with cells"
+        )
+        source = BOOK_DIR / "downloads" / wanted
+        if source.exists():
+            assert download["bytes"] == source.read_bytes(), f"{chapter}: downloaded notebook differs from {source}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_download_and_launch_buttons(site, chapter):
+    """The header offers the page as .ipynb and .md (both fetchable) and launch links to a notebook service."""
+    report = site.report(chapter)
+    facts = report.facts
+    problems = []
+    for kind, buttons, notebook in (
+        (".ipynb", facts["downloadNotebookButtons"], True),
+        (".md", facts["downloadSourceButtons"], False),
+    ):
+        if not buttons:
+            problems.append(f"{chapter}: no download {kind} button in the header")
+        for button in buttons:
+            if not button["href"].endswith(f"{chapter}{kind}"):
+                problems.append(f"{chapter}: download {kind} button points to {button['href']}")
+            problems += harness.fetch_problems(report, button["href"], f"download {kind} button", notebook=notebook)
+    launch = [b for b in facts["launchButtons"] if chapter in b["href"]]
+    if not launch:
+        problems.append(f"{chapter}: no launch button (Binder/Colab/JupyterHub) for this page: {facts['launchButtons']}")
+    _assert_none(problems)
+
+
+# ---------------------------------------------------------------- the whole book
+
+
+def test_search_finds_attribution(site):
+    report = site.report(
+        "search", query="?q=attribution", wait_for_selector="ul.search li", check_dark=False, click_downloads=False
+    )
+    results = [link for link in report.facts["searchResults"] if harness.page_url_name(link["href"])]
+    _assert_none(harness.load_problems(report) + harness.offline_problems(report))
+    assert results, f"search for 'attribution' found nothing: {report.facts['searchSummary']!r}"
+    found_pages = {harness.page_url_name(link["href"]) for link in results}
+    assert found_pages & set(CHAPTERS), f"search results link to no chapter: {sorted(found_pages)}"
+
+
+def test_a_heatmap_and_a_scatter_plot_are_visibly_drawn(site):
+    figures = [f for chapter in CHAPTERS for f in site.report(chapter).figures]
+    heatmaps = [f for f in figures if "heatmap" in f.trace_types]
+    scatters = [f for f in figures if "scatter" in f.trace_types or "scattergl" in f.trace_types]
+    assert any((f.drawn_fraction or 0) >= harness.MIN_HEATMAP_FRACTION for f in heatmaps), (
+        f"no heatmap fills >= {harness.MIN_HEATMAP_FRACTION:.0%} of its axes: {[f.drawn_fraction for f in heatmaps]}"
+    )
+    assert any((f.drawn_fraction or 0) >= harness.MIN_DRAWN_FRACTION for f in scatters), (
+        f"no scatter plot has visible points or lines: {[f.drawn_fraction for f in scatters]}"
+    )
