@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -253,6 +254,10 @@ def write_if_changed(path: Path, text: str) -> bool:
 def execute(nb: nbformat.NotebookNode, *, cwd: Path, timeout: int = 600) -> nbformat.NotebookNode:
     """Run ``nb`` top to bottom in a fresh ``python3`` kernel; stop at the first error."""
     from nbclient import NotebookClient
+
+    # the kernel inherits this; one thread is faster for the tiny model than several spin-waiting
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     client = NotebookClient(
         nb, timeout=timeout, kernel_name=KERNELSPEC["name"], record_timing=False,
