@@ -16,6 +16,7 @@ import http.server
 import io
 import json
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -293,7 +294,7 @@ def visit_page(
     *,
     wait_for_selector: str | None = None,
     check_dark: bool = True,
-    fetch_urls=lambda facts: [],
+    fetch_urls=None,
     click_downloads: bool = True,
     render_timeout_ms: int = 15_000,
 ) -> PageReport:
@@ -345,7 +346,7 @@ def visit_page(
                 report.figures[i].drawn_fraction = drawn_fraction(shown[i], hidden[i], area)
         _measure_text_contrast(page, report.figures, "light")
 
-        for target in fetch_urls(facts):
+        for target in (fetch_urls or urls_to_fetch)(facts):
             report.fetched[target] = page.evaluate(FETCH_JS, target)
         if click_downloads:
             report.downloads = _click_download_links(page)
@@ -515,6 +516,81 @@ def favicon_problems(report: PageReport) -> list[str]:
     if not icons:
         return [f"{report.name}: no <link rel=icon>"]
     return [p for url in icons for p in fetch_problems(report, url, "favicon", content_type="image/")]
+
+
+def sidebar_number_problems(report: PageReport, chapter: str) -> list[str]:
+    """The chapter's own sidebar entry reads 'N. Title', N being the chapter's file number."""
+    sidebar = report.facts["sidebar"]
+    number = int(chapter[:2])
+    entries = [link["text"] for link in sidebar if page_url_name(link["href"]) == chapter]
+    if not entries:
+        return [f"{report.name}: no sidebar link to {chapter}; sidebar has {[e['text'] for e in sidebar]}"]
+    if not any(re.match(rf"{number}\.\s", text) for text in entries):
+        return [f"{report.name}: sidebar entry {entries} for {chapter} is not numbered '{number}. '"]
+    return []
+
+
+def previous_next_problems(report: PageReport, chapter: str, previous: str | None, following: str | None) -> list[str]:
+    """The page's previous/next links go to the neighbouring chapters, and those pages load."""
+    problems = []
+    for direction, target in (("previous", previous), ("next", following)):
+        link = report.facts[direction]
+        if target is None:
+            continue
+        if link is None:
+            problems.append(f"{chapter}: no '{direction}' link (expected {target})")
+        elif page_url_name(link["href"]) != target:
+            problems.append(f"{chapter}: '{direction}' link goes to {link['href']}, expected {target}")
+        else:
+            problems += fetch_problems(report, link["href"], f"'{direction}' page")
+    return problems
+
+
+def exercise_download_problems(report: PageReport, chapter: str, source: Path | None = None) -> list[str]:
+    """Clicking the chapter's {download} link saves <chapter>.ipynb, a notebook (equal to `source` if given)."""
+    wanted = f"{chapter}.ipynb"
+    downloads = [d for d in report.downloads if d["href"].endswith("/" + wanted)]
+    if not downloads:
+        return [f"{chapter}: no download link to {wanted}; download links: {[d['href'] for d in report.downloads]}"]
+    problems = []
+    for download in downloads:
+        notebook = download["notebook"]
+        if download["failure"]:
+            problems.append(f"{chapter}: clicking {download['href']} did not download: {download['failure']}")
+        elif download["filename"] != wanted:
+            problems.append(f"{chapter}: the browser saved {download['filename']!r}, expected {wanted}")
+        elif not (notebook and notebook["nbformat"] == 4 and notebook["cells"] > 0):
+            problems.append(f"{chapter}: {download['href']} is not a notebook with cells")
+        elif source is not None and source.exists() and download["bytes"] != source.read_bytes():
+            problems.append(f"{chapter}: the downloaded notebook differs from {source}")
+    return problems
+
+
+def header_button_problems(report: PageReport, chapter: str) -> list[str]:
+    """Download buttons for <chapter>.ipynb (a notebook) and <chapter>.md, both served; a launch link for the page."""
+    facts = report.facts
+    problems = []
+    for kind, buttons, notebook in (
+        (".ipynb", facts["downloadNotebookButtons"], True),
+        (".md", facts["downloadSourceButtons"], False),
+    ):
+        if not buttons:
+            problems.append(f"{chapter}: no download {kind} button in the header")
+        for button in buttons:
+            if not button["href"].endswith(f"{chapter}{kind}"):
+                problems.append(f"{chapter}: download {kind} button points to {button['href']}")
+            problems += fetch_problems(report, button["href"], f"download {kind} button", notebook=notebook)
+    if not [b for b in facts["launchButtons"] if chapter in b["href"]]:
+        problems.append(f"{chapter}: no launch button (Binder/Colab/JupyterHub) for this page: {facts['launchButtons']}")
+    return problems
+
+
+def urls_to_fetch(facts: dict) -> list[str]:
+    """The favicon, the download buttons and the previous/next pages: each fetched by the browser."""
+    urls = list(facts["favicons"])
+    urls += [b["href"] for b in facts["downloadNotebookButtons"] + facts["downloadSourceButtons"]]
+    urls += [link["href"] for link in (facts["previous"], facts["next"]) if link]
+    return list(dict.fromkeys(u for u in urls if is_local(u)))
 
 
 def page_url_name(url: str) -> str:

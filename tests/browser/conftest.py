@@ -114,16 +114,8 @@ class SiteVisits:
                 self.server.url(f"{page_name}.html{query}"),
                 page_name.replace("/", "__"),
                 self.blocked_log,
-                fetch_urls=_urls_to_fetch,
                 **options,
             )
             VISITED.append(report)
         return self.reports[key]
 
-
-def _urls_to_fetch(facts: dict) -> list[str]:
-    """The favicon, the download buttons and the previous/next pages: each fetched by the browser."""
-    urls = list(facts["favicons"])
-    urls += [b["href"] for b in facts["downloadNotebookButtons"] + facts["downloadSourceButtons"]]
-    urls += [link["href"] for link in (facts["previous"], facts["next"]) if link]
-    return list(dict.fromkeys(u for u in urls if harness.is_local(u)))

@@ -31,6 +31,23 @@ def _figure(div_id: str, data: list, layout: dict | None = None) -> str:
     )
 
 
+def _navigation(sidebar_text: str, previous: str, notebook_button: str, launch: bool) -> str:
+    """The theme's sidebar, header buttons and previous/next links, as on chapter 3 of the book."""
+    launch_link = (
+        '<div class="dropdown dropdown-launch-buttons"><a href="https://mybinder.org/v2/gh/OWNER/repo/main?'
+        'urlpath=lab/tree/book/03_exact_ablation.md">Binder</a></div>' if launch else ""
+    )
+    return (
+        f'<div class="bd-sidebar-primary"><nav><a class="reference internal" href="03_exact_ablation.html">'
+        f"{sidebar_text}</a></nav></div>"
+        f'<a class="btn-download-notebook-button" href="{notebook_button}">.ipynb</a>'
+        '<a class="btn-download-source-button" href="03_exact_ablation.md">.md</a>'
+        f"{launch_link}"
+        f'<div class="prev-next-area"><a class="left-prev" href="{previous}">previous</a>'
+        '<a class="right-next" href="04_activation_patching.html">next</a></div>'
+    )
+
+
 HEATMAP = {"type": "heatmap", "z": [[1, 2, 3], [3, 1, 2], [2, 3, 1]]}
 SCATTER = {"type": "scatter", "mode": "markers", "x": list(range(20)), "y": [i % 7 for i in range(20)], "marker": {"size": 8}}
 
@@ -39,7 +56,16 @@ PAGES = {
         title=f"Good page — {COURSE}",
         extra_head='<link rel="icon" href="icon.png">',
         body="<h1>Good</h1>" + _figure("heat", [HEATMAP]) + _figure("dots", [SCATTER])
-        + '<p><a class="reference download internal" download href="learner.ipynb">exercises notebook</a></p>',
+        + '<p><a class="reference download internal" download href="03_exact_ablation.ipynb">exercises notebook</a></p>'
+        + _navigation(sidebar_text="3. Exact ablation", previous="02_task_and_metric.html",
+                      notebook_button="03_exact_ablation.ipynb", launch=True),
+    ),
+    "navigation_bad": dict(
+        title=f"Navigation — {COURSE}",
+        extra_head="",
+        body='<p><a class="reference download internal" download href="not_a_notebook/03_exact_ablation.ipynb">x</a></p>'
+        + _navigation(sidebar_text="Exact ablation", previous="01_introduction.html",
+                      notebook_button="missing.ipynb", launch=False),
     ),
     "blank": dict(
         title=f"Blank — {COURSE}",
@@ -99,8 +125,14 @@ def synthetic(tmp_path_factory, serve, browser, blocked_requests):
     icon = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(icon, format="PNG")
     (root / "icon.png").write_bytes(icon.getvalue())
-    (root / "learner.ipynb").write_text(json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": {},
-                                                    "cells": [{"cell_type": "markdown", "metadata": {}, "source": "x"}]}))
+    notebook = {"nbformat": 4, "nbformat_minor": 5, "metadata": {},
+                "cells": [{"cell_type": "markdown", "metadata": {}, "source": "x"}]}
+    (root / "03_exact_ablation.ipynb").write_text(json.dumps(notebook))
+    (root / "03_exact_ablation.md").write_text("# Exact ablation\n")
+    (root / "not_a_notebook").mkdir()
+    (root / "not_a_notebook" / "03_exact_ablation.ipynb").write_text("<html>not found</html>")
+    for neighbour in ("01_introduction", "02_task_and_metric", "04_activation_patching"):
+        (root / f"{neighbour}.html").write_text(f"<title>{neighbour}</title>")
     for name, parts in PAGES.items():
         (root / f"{name}.html").write_text(HEAD.format(**parts))
     server = serve(root)
@@ -110,8 +142,8 @@ def synthetic(tmp_path_factory, serve, browser, blocked_requests):
     def report(name: str) -> harness.PageReport:
         if name not in reports:
             reports[name] = harness.visit_page(
-                browser, server.url(f"{name}.html"), name, blocked_requests, output,
-                fetch_urls=lambda facts: facts["favicons"], render_timeout_ms=3_000,
+                browser, server.url(f"{name}.html"), name, blocked_requests, output, render_timeout_ms=3_000,
+                check_dark=name in ("good", "dark_unreadable", "dark_readable"),
             )
         return reports[name]
 
@@ -132,6 +164,23 @@ def test_good_page_passes_every_check(synthetic):
     assert harness.MIN_DRAWN_FRACTION <= scatter.drawn_fraction < harness.MIN_HEATMAP_FRACTION
     [download] = report.downloads
     assert download["failure"] is None and download["notebook"] == {"nbformat": 4, "cells": 1}
+    chapter = "03_exact_ablation"
+    assert harness.sidebar_number_problems(report, chapter) == []
+    assert harness.previous_next_problems(report, chapter, "02_task_and_metric", "04_activation_patching") == []
+    assert harness.exercise_download_problems(report, chapter) == []
+    assert harness.header_button_problems(report, chapter) == []
+
+
+def test_navigation_checks_fail(synthetic):
+    report, chapter = synthetic("navigation_bad"), "03_exact_ablation"
+    assert "not numbered" in " ".join(harness.sidebar_number_problems(report, chapter))
+    problems = harness.previous_next_problems(report, chapter, "02_task_and_metric", "04_activation_patching")
+    assert len(problems) == 1 and "'previous' link goes to" in problems[0], problems
+    assert "not a notebook" in " ".join(harness.exercise_download_problems(report, chapter))
+    problems = " ".join(harness.header_button_problems(report, chapter))
+    assert "download .ipynb button points to" in problems and "HTTP 404" in problems, problems
+    assert "no launch button" in problems, problems
+    assert harness.sidebar_number_problems(synthetic("errors"), chapter)  # no sidebar at all
 
 
 def test_blank_figures_fail(synthetic):
