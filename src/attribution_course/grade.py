@@ -47,6 +47,7 @@ from pathlib import Path
 import nbformat
 
 from .checks import NOT_ATTEMPTED, PASSED, VERDICTS_ENV
+from .nbval_watchdog import KERNEL_DIED
 from .exercises import (
     EXERCISES_DIR,
     GRADED_TAG,
@@ -216,6 +217,7 @@ def run_nbval(nb: nbformat.NotebookNode, *, timeout: float, cell_timeout: float,
         command = [
             sys.executable, "-m", "pytest", notebook.name, "--nbval-lax", "--nbval-current-env",
             f"--nbval-cell-timeout={cell_timeout}", f"--junitxml={junit}", "-p", "no:cacheprovider",
+            "-p", "attribution_course.nbval_watchdog",
             "-q", "--rootdir", str(workdir), "-c", os.devnull,
         ]
         process = subprocess.Popen(
@@ -287,12 +289,22 @@ def _read_records(path: Path) -> dict[str, dict]:
 # ---------------------------------------------------------------- verdicts
 
 
-def _exercise_result(ref: ReferenceExercise, cell: tuple[str, str] | None, record: dict | None) -> ExerciseResult:
+# what nbval (and the watchdog plugin) write when a cell did not run normally
+_DIED_HERE = KERNEL_DIED
+_DEAD_BEFORE = "Kernel dead on test start"
+_NOT_INTERRUPTIBLE = "Failed to interrupt kernel"
+_EARLIER_HANG = "Previous cell timed out"
+_TIMEOUT = "Timeout of"
+
+
+def _exercise_result(
+    ref: ReferenceExercise, cell: tuple[str, str] | None, record: dict | None, cell_timeout: float
+) -> ExerciseResult:
     def result(verdict: str, detail: str = "") -> ExerciseResult:
         return ExerciseResult(ref.id, ref.name, verdict, ref.points if verdict == V_PASSED else 0, ref.points, detail)
 
     status, message = cell or (None, "")
-    if record is not None:
+    if record is not None:  # check() ran: its verdict explains best
         if record["verdict"] == NOT_ATTEMPTED:
             return result(V_NOT_ATTEMPTED, record.get("detail", ""))
         if record["verdict"] == PASSED and status == "passed":
@@ -304,10 +316,16 @@ def _exercise_result(ref: ReferenceExercise, cell: tuple[str, str] | None, recor
         return result(V_PASSED)
     if status is None:
         return result(V_NOT_GRADED, "the check cell was never run")
-    if "Kernel dead" in message or "Kernel died" in message:
-        return result(V_NOT_GRADED, "the kernel had died before this cell")
-    if "Timeout" in message:
-        return result(V_WRONG, f"the cell did not finish in time ({_short(message.splitlines()[0])}); is there an infinite loop?")
+    if _DIED_HERE in message:
+        return result(V_WRONG, "the kernel died while running this cell (os._exit, a crash, or out of memory?)")
+    if _DEAD_BEFORE in message:
+        return result(V_NOT_GRADED, "not run: the kernel had died in an earlier cell")
+    if _NOT_INTERRUPTIBLE in message:
+        return result(V_WRONG, f"did not finish within {cell_timeout:g} s and ignored the interrupt; the kernel was stopped")
+    if _EARLIER_HANG in message:
+        return result(V_NOT_GRADED, "not run: an earlier cell hung and the kernel was stopped")
+    if _TIMEOUT in message:
+        return result(V_WRONG, f"did not finish within {cell_timeout:g} s and was interrupted; is there an infinite loop?")
     return result(V_WRONG, "the check cell raised " + _exception_summary(message))
 
 
@@ -353,18 +371,26 @@ def grade_notebook(
     outcome = run_nbval(graded_nb, timeout=timeout, cell_timeout=cell_timeout, threads=threads)
 
     by_exercise = {ex: number for number, ex in graded_cells.items()}
-    results = [_exercise_result(r, outcome.cells.get(by_exercise[r.id]), outcome.records.get(r.id)) for r in reference]
+    results = [
+        _exercise_result(r, outcome.cells.get(by_exercise[r.id]), outcome.records.get(r.id), cell_timeout)
+        for r in reference
+    ]
     notes = [f"the graded cell of exercise {m} was missing; the reference check was appended at the end" for m in missing]
     for number, (status, message) in sorted(outcome.cells.items()):
-        if number not in graded_cells and status in ("failure", "error"):
+        if number not in graded_cells and status in ("failure", "error") and _DEAD_BEFORE not in message:
             notes.append(f"code cell {number + 1} (not graded) raised {_exception_summary(message)}")
+    messages = [m for _, m in outcome.cells.values()]
     status, detail = S_GRADED, ""
     if outcome.timed_out:
         status, detail = S_TIMEOUT, f"the notebook did not finish within {timeout:g} s and was stopped"
         for r in results:
             if r.verdict == V_NOT_GRADED:
                 r.detail = "not reached before the notebook timed out"
-    elif any("Kernel dead" in m or "Kernel died" in m for _, m in outcome.cells.values()):
+    elif any(_NOT_INTERRUPTIBLE in m for m in messages):
+        status, detail = S_TIMEOUT, (
+            f"a cell ran longer than {cell_timeout:g} s and ignored the interrupt; the kernel was stopped"
+        )
+    elif any(_DIED_HERE in m or _DEAD_BEFORE in m for m in messages):
         status, detail = S_CRASHED, "the kernel died while running the notebook"
     elif not outcome.cells:
         status, detail = S_ERROR, "nbval did not run: " + _short(outcome.output[-2000:])

@@ -1,0 +1,286 @@
+"""Grading end to end: nbval on the solutions, and the grader on generated, filled,
+mutated, partial, malformed, looping and crashing submissions.
+
+Kernels are the expensive part (about ten seconds each), so every notebook run is
+shared: one batch grades the generated, the filled and the mutated copy of every
+notebook, and assertions read its results.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from attribution_course import exercises as ex
+from attribution_course import grade
+
+pytestmark = pytest.mark.slow
+PYTHON = sys.executable
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+
+# One mutation per notebook: (exercise, text in its solution, replacement, words expected in the feedback).
+MUTATIONS = {
+    "02_task_and_metric": (
+        "2.1", "final = logits[:, end_position, :]", "final = logits[:, end_position - 1, :]", "entries are off",
+    ),  # off-by-one position
+    "03_exact_ablation": ("3.1", "return ablated - clean", "return clean - ablated", "opposite sign"),  # wrong sign
+    "04_activation_patching": (
+        "4.3", "z[:, pos, head, :] = source[names[layer]][:, pos, head, :]",
+        "z[:, pos, head, :] = source[names[layer]][:, pos - 1, head, :]", "entries are off",
+    ),  # off-by-one position
+    "05_first_order_approximation": (
+        "5.5", '"bphd,bphd->hp"', '"bphd,bphd->ph"', "wrong axis order",
+    ),  # wrong axis
+    "06_getting_the_sign_right": ("6.1", "(-acts[n] * grads[n])", "(acts[n] * grads[n])", "opposite sign"),  # wrong sign
+    "07_mean_ablation_and_baselines": ("7.3", "sum(dim=(1, 3))", "sum(dim=(2, 3))", "shape (4, 15), expected (4, 4)"),  # wrong axis
+    "08_when_the_approximation_fails": (
+        "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 1) / steps", "entries are off",
+    ),  # off-by-one step
+}
+
+
+# ---------------------------------------------------------------- building submissions
+
+
+def solution_bodies(stem: str) -> dict[int, list[str]]:
+    """The lines between the solution markers, by cell index."""
+    solution = ex.read_notebook(ex.solution_path(stem))
+    bodies = {}
+    for index, cell in enumerate(solution.cells):
+        if cell.cell_type == "code" and ex.BEGIN_SOLUTION in cell.source:
+            begin, end, _ = ex._solution_region(cell.source, f"{stem} cell {index}")
+            bodies[index] = cell.source.split("\n")[begin + 1 : end]
+    return bodies
+
+
+def exercise_cells(stem: str) -> dict[str, int]:
+    """Exercise id -> index of its solution cell (the same index in both notebooks)."""
+    solution = ex.read_notebook(ex.solution_path(stem))
+    return {e.id: e.solution_cell for e in ex.parse_exercises(solution, stem)}
+
+
+def learner_notebook(stem: str, answers: dict[str, list[str] | None]) -> nbformat.NotebookNode:
+    """The generated exercises notebook with the stub of each exercise in ``answers``
+    replaced by the given lines (``None``: the solution's own lines)."""
+    nb = ex.read_notebook(ex.exercise_path(stem))
+    bodies, cells = solution_bodies(stem), exercise_cells(stem)
+    for ex_id, lines in answers.items():
+        index = cells[ex_id]
+        source = nb.cells[index].source.split("\n")
+        stub_lines = [i for i, line in enumerate(source) if line.strip() == ex.STUB]
+        assert len(stub_lines) == 1, f"{stem} exercise {ex_id}: expected one stub line"
+        stub = stub_lines[0]
+        indent = source[stub][: len(source[stub]) - len(source[stub].lstrip())]
+        if lines is None:
+            new = bodies[index]
+        else:
+            new = [indent + line for line in lines]
+        nb.cells[index].source = "\n".join(source[:stub] + new + source[stub + 1 :])
+    return nb
+
+
+def filled(stem: str) -> nbformat.NotebookNode:
+    return learner_notebook(stem, {e: None for e in exercise_cells(stem)})
+
+
+def mutated(stem: str) -> nbformat.NotebookNode:
+    target, old, new, _ = MUTATIONS[stem]
+    nb = filled(stem)
+    index = exercise_cells(stem)[target]
+    assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
+    nb.cells[index].source = nb.cells[index].source.replace(old, new)
+    return nb
+
+
+def write(nb: nbformat.NotebookNode, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(path))
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def rows_by(csv_path: Path) -> dict[tuple[str, str], dict]:
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        return {(r["submission"], r["exercise"]): r for r in csv.DictReader(f)}
+
+
+# ---------------------------------------------------------------- nbval on the sources
+
+
+def test_nbval_passes_on_every_solution_notebook(tmp_path):
+    """The solutions reproduce their own stored outputs (graded cells), two notebooks at a time."""
+    stems = list(ex.NOTEBOOK_STEMS)
+    halves = [stems[0::2], stems[1::2]]
+    runs = []
+    for n, half in enumerate(halves):
+        junit = tmp_path / f"junit{n}.xml"
+        command = [PYTHON, "-m", "pytest", "--nbval-lax", "--nbval-current-env", "-p", "no:cacheprovider", "-q",
+                   f"--junitxml={junit}", "-c", os.devnull, "--rootdir", str(ex.SOLUTIONS_DIR),
+                   *[str(ex.solution_path(s)) for s in half]]
+        runs.append((subprocess.Popen(command, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True), junit))
+    for process, junit in runs:
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+    graded = sum(
+        1 for s in stems for c in ex.read_notebook(ex.solution_path(s)).cells if ex.GRADED_TAG in c.metadata.get("tags", [])
+    )
+    passed = sum(grade._parse_junit(junit).__len__() for _, junit in runs)
+    assert graded >= 25 and passed >= graded
+
+
+# ---------------------------------------------------------------- every notebook: generated, filled, mutated
+
+
+@pytest.fixture(scope="module")
+def coverage_batch(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("submissions")
+    for stem in ex.NOTEBOOK_STEMS:
+        (folder / "generated").mkdir(exist_ok=True)
+        (folder / "generated" / f"{stem}.ipynb").write_bytes(ex.exercise_path(stem).read_bytes())
+        write(filled(stem), folder / "filled" / f"{stem}.ipynb")
+        write(mutated(stem), folder / "mutated" / f"{stem}.ipynb")
+    before = digests(folder)
+    out = tmp_path_factory.mktemp("grades")
+    start = time.monotonic()
+    results = grade.grade_batch(folder, out / "grades.csv", workers=2, timeout=300, cell_timeout=120, progress=False)
+    seconds = time.monotonic() - start
+    print(f"coverage batch: {len(results)} notebooks in {seconds:.0f} s")
+    return {r.submission: r for r in results}, before, digests(folder), out
+
+
+def test_generated_notebooks_report_every_exercise_not_attempted(coverage_batch):
+    results, *_ = coverage_batch
+    for stem in ex.NOTEBOOK_STEMS:
+        result = results[f"generated/{stem}.ipynb"]
+        assert result.status == grade.S_GRADED, result.detail
+        assert result.exercises and {e.verdict for e in result.exercises} == {grade.V_NOT_ATTEMPTED}, grade.scorecard(result)
+        assert not result.all_passed
+
+
+def test_stubs_replaced_by_solutions_pass(coverage_batch):
+    results, *_ = coverage_batch
+    for stem in ex.NOTEBOOK_STEMS:
+        result = results[f"filled/{stem}.ipynb"]
+        assert result.all_passed, grade.scorecard(result)
+        assert result.points == result.max_points > 0
+
+
+def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
+    results, *_ = coverage_batch
+    for stem, (target, _, _, words) in MUTATIONS.items():
+        result = results[f"mutated/{stem}.ipynb"]
+        verdicts = {e.exercise: e for e in result.exercises}
+        assert verdicts[target].verdict == grade.V_WRONG, grade.scorecard(result)
+        assert words in verdicts[target].detail, grade.scorecard(result)
+        others = {k: v.verdict for k, v in verdicts.items() if k != target}
+        assert set(others.values()) == {grade.V_PASSED}, grade.scorecard(result)
+
+
+def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
+    results, before, after, out = coverage_batch
+    assert before == after
+    rows = rows_by(out / "grades.csv")
+    assert len(rows) == sum(len(r.exercises) for r in results.values())
+    assert rows[("mutated/03_exact_ablation.ipynb", "3.1")]["verdict"] == "wrong"
+    assert rows[("filled/03_exact_ablation.ipynb", "3.1")]["points"] == "1"
+    feedback = (out / "feedback" / "mutated__03_exact_ablation.txt").read_text()
+    assert "opposite sign" in feedback and "Score:" in feedback
+
+
+# ---------------------------------------------------------------- a mixed folder through the CLI
+
+
+def _replace_stub(stem: str, answers: dict[str, list[str] | None]) -> nbformat.NotebookNode:
+    return learner_notebook(stem, answers)
+
+
+def test_batch_cli_on_mixed_submissions(tmp_path):
+    stem = "02_task_and_metric"
+    ids = list(exercise_cells(stem))  # 2.1 .. 2.4
+    folder = tmp_path / "submissions"
+    write(filled(stem), folder / "alice" / f"{stem}.ipynb")  # correct
+    write(_replace_stub(stem, {ids[0]: None, ids[1]: None, ids[2]: ["return (values - clean_value) / (clean_value - corrupted_value)"]}),
+          folder / "bob" / f"{stem}.ipynb")  # partial: two right, one wrong, one not attempted
+    (folder / "carol").mkdir(parents=True)
+    text = ex.exercise_path(stem).read_text()
+    (folder / "carol" / f"{stem}.ipynb").write_text(text[: len(text) // 2])  # malformed JSON
+    write(_replace_stub(stem, {ids[0]: None, ids[1]: ["while True:", "    pass"], ids[2]: None, ids[3]: None}),
+          folder / "dave" / f"{stem}.ipynb")  # an infinite loop that an interrupt stops
+    write(_replace_stub(stem, {ids[0]: ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", "while True:", "    pass"]}),
+          folder / "erin" / f"{stem}.ipynb")  # an infinite loop that ignores interrupts: the kernel must be killed
+    write(_replace_stub(stem, {ids[0]: None, ids[1]: ["import os", "os._exit(1)"]}),
+          folder / "frank" / f"{stem}.ipynb")  # crashes the kernel
+    before = digests(folder)
+    csv_path = tmp_path / "out" / "grades.csv"
+    bound = 150
+    start = time.monotonic()
+    run = subprocess.run(
+        [PYTHON, "-m", "attribution_course.grade", "--batch", str(folder), "--csv", str(csv_path),
+         "--timeout", "90", "--cell-timeout", "20", "--workers", "2"],
+        env=ENV, capture_output=True, text=True, timeout=bound + 60,
+    )
+    seconds = time.monotonic() - start
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert seconds < bound, f"batch took {seconds:.0f} s"
+    assert digests(folder) == before
+
+    rows = rows_by(csv_path)
+    sub = lambda who: f"{who}/{stem}.ipynb"  # noqa: E731
+    assert [rows[(sub("alice"), i)]["verdict"] for i in ids] == ["passed"] * 4
+    assert [rows[(sub("bob"), i)]["verdict"] for i in ids] == ["passed", "passed", "wrong", "not attempted"]
+    assert rows[(sub("carol"), "(notebook)")]["verdict"] == "malformed"
+    assert "carol" in rows[(sub("carol"), "(notebook)")]["detail"]
+    assert [rows[(sub("dave"), i)]["verdict"] for i in ids] == ["passed", "wrong", "passed", "passed"]
+    assert "infinite loop" in rows[(sub("dave"), ids[1])]["detail"]
+    assert rows[(sub("erin"), "(notebook)")]["verdict"] == "timeout"
+    assert rows[(sub("frank"), "(notebook)")]["verdict"] == "kernel crashed"
+    assert rows[(sub("frank"), ids[0])]["verdict"] == "passed"
+    assert int(rows[(sub("alice"), ids[0])]["points"]) > 0 and rows[(sub("bob"), ids[2])]["points"] == "0"
+    assert (csv_path.parent / "feedback" / f"bob__{stem}.txt").exists()
+
+
+# ---------------------------------------------------------------- the learner CLI
+
+
+def test_learner_cli_scorecard_exit_codes_and_notebook_timeout(tmp_path):
+    stem = "02_task_and_metric"
+    good, bad, stuck = tmp_path / "good.ipynb", tmp_path / f"mine_{stem}.ipynb", tmp_path / f"stuck_{stem}.ipynb"
+    write(filled(stem), good)
+    write(mutated(stem), bad)
+    stuck_loop = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", "while True:", "    pass"]
+    write(learner_notebook(stem, {"2.1": stuck_loop}), stuck)
+    originals = {p: p.read_bytes() for p in (good, bad, stuck)}
+    commands = [[str(good)], [str(bad)], [str(stuck), "--timeout", "25", "--cell-timeout", "600"]]
+    start = time.monotonic()
+    runs = [subprocess.Popen([PYTHON, "-m", "attribution_course.grade", *args], env=ENV, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for args in commands]
+    (good_out, _), (bad_out, _), (stuck_out, _) = (r.communicate(timeout=300) for r in runs)
+    assert runs[0].returncode == 0, good_out
+    assert runs[1].returncode == 1, bad_out
+    assert runs[2].returncode == 1 and "TIMEOUT: the notebook did not finish within 25 s" in stuck_out, stuck_out
+    assert time.monotonic() - start < 120
+    assert "ex 2.1 logit_diff_per_prompt" in bad_out and "wrong" in bad_out and "entries are off" in bad_out
+    assert "Traceback" not in bad_out and "assert" not in bad_out  # a scorecard, not a pytest diff
+    assert "Score: 3/4 points" in bad_out
+    assert all(p.read_bytes() == data for p, data in originals.items())
+
+
+def test_learner_cli_names_a_missing_or_broken_file(tmp_path):
+    missing = subprocess.run([PYTHON, "-m", "attribution_course.grade", str(tmp_path / "nope.ipynb")],
+                             env=ENV, capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope.ipynb" in missing.stderr
+    broken = tmp_path / "broken.ipynb"
+    broken.write_text("{ not json")
+    result = subprocess.run([PYTHON, "-m", "attribution_course.grade", str(broken)], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 2 and "broken.ipynb" in result.stdout and "MALFORMED" in result.stdout
+    assert broken.read_text() == "{ not json"
