@@ -38,13 +38,17 @@ train: $(STAMP)
 	$(BIN)/python -m attribution_course.train
 
 # ---- graded exercises (issue 4)
-# Regenerate exercises/ from solutions/ (and re-execute the solutions to refresh reference outputs).
+# Re-execute solutions/ (refreshing their stored outputs), regenerate exercises/ from them, verify.
 exercises: $(STAMP)
 	$(BIN)/python -m attribution_course.exercises generate
+	$(BIN)/python -m attribution_course.exercises check
 
-# Grade one notebook: make grade NB=exercises/03_exact_ablation.ipynb
+# Grade one notebook (a copy is graded; the file is never modified):
+#   make grade NB=exercises/03_exact_ablation.ipynb
+# or a folder of submissions:  make grade BATCH=submissions/ [CSV=grades.csv]
 grade: $(STAMP)
-	$(BIN)/python -m attribution_course.grade $(NB)
+	@test -n "$(NB)$(BATCH)" || { echo "usage: make grade NB=path/to/notebook.ipynb  or  make grade BATCH=folder [CSV=grades.csv]"; exit 2; }
+	$(BIN)/python -m attribution_course.grade $(if $(BATCH),--batch "$(BATCH)" --csv "$(or $(CSV),grades.csv)","$(NB)")
 
 # ---- performance (issue 5)
 bench: $(STAMP)
