@@ -30,8 +30,10 @@ indexes into it (see :data:`FAMILIES`).
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from jaxtyping import Float, Int
@@ -102,6 +104,30 @@ def component_index(family: Family, component: tuple[int, ...]) -> tuple:
     return tuple(index)
 
 
+# ---------------------------------------------------------------- checks
+
+
+def _check_tokens(tokens, argument: str) -> None:
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise ValueError(f"{argument} must be an integer tensor of shape [batch, pos], got {shape}")
+
+
+def _check_replacements(model, replacements: Activations, family: Family, base_tokens: Tokens) -> None:
+    """Every layer's replacement exists and has the base run's batch and position sizes."""
+    for name in hook_names(model, family):
+        if name not in replacements:
+            raise ValueError(
+                f"replacements hold no activation for hook {name!r} (family {family.name!r}); "
+                "build them with replacement_activations(model, family, ...) for the same family"
+            )
+        if replacements[name].shape[0] != base_tokens.shape[0]:
+            raise ValueError(
+                f"replacements[{name!r}] has batch size {replacements[name].shape[0]} but base_tokens has "
+                f"{base_tokens.shape[0]} prompts; build the replacements for these base tokens"
+            )
+
+
 # ---------------------------------------------------------------- caching
 
 
@@ -123,22 +149,70 @@ def cache_activations(model, tokens: Tokens, names: list[str]) -> Activations:
     return activations
 
 
+@contextmanager
+def parameters_frozen(model) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter, and restore each flag on exit.
+
+    Inside, autograd records only what depends on a tensor we mark ourselves
+    (see :func:`cache_activations_and_gradients`), so a backward pass computes
+    no weight gradients and stops at the earliest hooked activation.
+    """
+    parameters = list(model.parameters())
+    saved = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(parameters, saved):
+            p.requires_grad_(flag)
+
+
+def _gradient_tap(activations: Activations, gradients: Activations, name: str):
+    """A forward hook that records the activation and arranges for ``∂M/∂a`` to be recorded.
+
+    With frozen parameters the activation usually carries no autograd history;
+    it is then replaced by a leaf that requires grad (same values), which is
+    where the backward pass will stop. The hook returns the tensor it tapped so
+    the model consumes exactly that tensor (TransformerBridge hands hooks a
+    reshaped view and only uses what the hook returns; this is also why
+    ``retain_grad()`` on the view does nothing).
+    """
+
+    def tap(tensor, hook):
+        if not tensor.requires_grad:
+            tensor = tensor.detach().requires_grad_(True)
+        activations[name] = tensor.detach()
+
+        def record(grad):
+            gradients[name] = grad.detach()
+
+        tensor.register_hook(record)
+        return tensor
+
+    return tap
+
+
 def cache_activations_and_gradients(
     model, tokens: Tokens, metric: Metric, names: list[str]
 ) -> tuple[float, Activations, Activations]:
     """One forward and one backward pass: metric value, activations and ``∂M/∂a``.
 
-    Gradients are captured with backward hooks, because ``retain_grad()`` has no
-    effect at TransformerBridge's converted hook points.
+    Only what lies between the earliest hook in ``names`` and the metric is
+    differentiated: parameters are frozen for the call (their ``requires_grad``
+    flags are restored afterwards) and gradients are captured by tensor hooks on
+    the hooked activations, so no weight gradient is computed and nothing is
+    left in any ``.grad``. Hooks already registered on ``model`` (e.g. with
+    ``model.hooks(...)``) run first and are respected.
     """
     activations: Activations = {}
     gradients: Activations = {}
-    fwd = [(name, _saver(activations, name)) for name in names]
-    bwd = [(name, _saver(gradients, name)) for name in names]
-    with torch.enable_grad(), model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
-        value = metric(model(tokens))
+    taps = [(name, _gradient_tap(activations, gradients, name)) for name in names]
+    with parameters_frozen(model), torch.enable_grad():
+        value = metric(model.run_with_hooks(tokens, fwd_hooks=taps))
+        if not value.requires_grad:
+            raise RuntimeError(f"the metric does not depend on any of the hooks {names}")
         value.backward()
-    model.zero_grad(set_to_none=True)
     missing = [n for n in names if n not in gradients]
     if missing:
         raise RuntimeError(f"no gradient reached hook(s) {missing}; does the metric depend on them?")
@@ -146,6 +220,9 @@ def cache_activations_and_gradients(
 
 
 # ---------------------------------------------------------------- replacements
+
+ReplacementKind = Literal["zero", "mean", "resample", "patch"]
+REPLACEMENT_KINDS: tuple[str, ...] = ("zero", "mean", "resample", "patch")
 
 
 def zero_replacement(activations: Activations) -> Activations:
@@ -158,11 +235,29 @@ def mean_replacement(activations: Activations) -> Activations:
     return {name: act.mean(0, keepdim=True).expand_as(act) for name, act in activations.items()}
 
 
+def _check_kind(kind: str, source_tokens: Tokens | None, base_tokens: Tokens) -> None:
+    if kind not in REPLACEMENT_KINDS:
+        raise ValueError(f"replacement kind must be 'zero', 'mean', 'resample' or 'patch', got {kind!r}")
+    if kind in ("resample", "patch"):
+        if source_tokens is None:
+            raise ValueError(f"replacement kind {kind!r} needs source_tokens")
+        if source_tokens.shape != base_tokens.shape:
+            raise ValueError(
+                f"source_tokens {tuple(source_tokens.shape)} and base_tokens {tuple(base_tokens.shape)} "
+                "must have the same shape, so each prompt is patched from its own twin"
+            )
+    if kind == "mean" and source_tokens is not None and source_tokens.shape[1] != base_tokens.shape[1]:
+        raise ValueError(
+            f"mean replacement: source_tokens have {source_tokens.shape[1]} positions but base_tokens "
+            f"have {base_tokens.shape[1]}; the mean is taken per position"
+        )
+
+
 def replacement_activations(
     model,
     family: str | Family,
     *,
-    kind: Literal["zero", "mean", "resample", "patch"],
+    kind: ReplacementKind,
     base_tokens: Tokens,
     source_tokens: Tokens | None = None,
 ) -> Activations:
@@ -174,6 +269,8 @@ def replacement_activations(
       (other prompts for resampling, the corrupted or clean twins for patching).
     """
     names = hook_names(model, family)
+    _check_tokens(base_tokens, "base_tokens")
+    _check_kind(kind, source_tokens, base_tokens)
     if kind == "zero":
         base = cache_activations(model, base_tokens[:1], names)
         return {n: torch.zeros((base_tokens.shape[0], *a.shape[1:]), dtype=a.dtype) for n, a in base.items()}
@@ -181,16 +278,7 @@ def replacement_activations(
         source = base_tokens if source_tokens is None else source_tokens
         means = cache_activations(model, source, names)
         return {n: a.mean(0, keepdim=True).expand(base_tokens.shape[0], *a.shape[1:]) for n, a in means.items()}
-    if kind in ("resample", "patch"):
-        if source_tokens is None:
-            raise ValueError(f"replacement kind {kind!r} needs source_tokens")
-        if source_tokens.shape != base_tokens.shape:
-            raise ValueError(
-                f"source_tokens {tuple(source_tokens.shape)} and base_tokens {tuple(base_tokens.shape)} "
-                "must have the same shape, so each prompt is patched from its own twin"
-            )
-        return cache_activations(model, source_tokens, names)
-    raise ValueError(f"replacement kind must be 'zero', 'mean', 'resample' or 'patch', got {kind!r}")
+    return cache_activations(model, source_tokens, names)
 
 
 # ---------------------------------------------------------------- exact
@@ -221,6 +309,89 @@ def exact_effect(
     return patched - base
 
 
+def _components(model, family: Family, n_positions: int, positions: Sequence[int] | None) -> torch.Tensor:
+    """Every ``(layer, *component)`` index of a sweep, as rows of an int tensor, layer-major."""
+    shape = effect_shape(model, family, n_positions)
+    grids = [torch.arange(size) for size in shape]
+    if positions is not None:
+        if "pos" not in family.component_axes:
+            raise ValueError(f"positions= only applies to families indexed by position, not {family.name!r}")
+        chosen = torch.as_tensor(list(positions), dtype=torch.long)
+        if chosen.numel() == 0 or chosen.min() < 0 or chosen.max() >= n_positions:
+            raise ValueError(f"positions must be a non-empty list of positions in 0..{n_positions - 1}, got {list(positions)}")
+        grids[1 + family.component_axes.index("pos")] = chosen.unique()
+    return torch.cartesian_prod(*grids).reshape(-1, len(shape))
+
+
+def _first_changed_position(family: Family, component: Sequence[int]) -> int:
+    """The earliest position a replacement can change (causal attention: nothing before it)."""
+    if "pos" in family.component_axes:
+        return int(component[family.component_axes.index("pos")])
+    return 0
+
+
+def _replace_components(
+    stacked: torch.Tensor,
+    source: torch.Tensor,
+    family: Family,
+    components: torch.Tensor,
+    first_position: int = 0,
+) -> torch.Tensor:
+    """Copy, in variant ``k`` of ``stacked``, component ``components[k]`` from ``source``.
+
+    ``stacked`` is ``[n_variants * batch, *axes]`` (variant-major), ``source`` is
+    ``[batch, *axes]`` and ``components`` is ``[n_variants, len(component_axes)]``
+    (no layer column). Position-like axes (``pos``, ``query``) of both tensors
+    start at ``first_position``. One ``torch.where`` with a boolean mask does
+    every variant at once; the values copied are exactly the loop's.
+    """
+    n_variants = components.shape[0]
+    batch = source.shape[0]
+    sizes = stacked.shape[1:]
+    mask_shape = [n_variants] + [
+        sizes[i] if axis in family.component_axes else 1 for i, axis in enumerate(family.axes)
+    ]
+    mask = torch.zeros(mask_shape, dtype=torch.bool)
+    index: list[torch.Tensor] = [torch.arange(n_variants)]
+    for i, axis in enumerate(family.axes):
+        if axis in family.component_axes:
+            column = components[:, family.component_axes.index(axis)]
+            index.append(column - first_position if axis == "pos" else column)
+        else:
+            index.append(torch.zeros(n_variants, dtype=torch.long))
+    mask[tuple(index)] = True
+    by_variant = stacked.reshape(n_variants, batch, *sizes)
+    patched = torch.where(mask.unsqueeze(1), source.to(stacked.dtype).unsqueeze(0), by_variant)
+    return patched.reshape(stacked.shape)
+
+
+def _suffix(family: Family, activation: torch.Tensor, first_position: int) -> torch.Tensor:
+    """``activation[batch, *axes]`` restricted to positions ``first_position`` onwards."""
+    axis = next((a for a in ("pos", "query") if a in family.axes), None)
+    if axis is None or first_position == 0:
+        return activation
+    return activation.narrow(1 + family.axes.index(axis), first_position, activation.shape[1 + family.axes.index(axis)] - first_position)
+
+
+def _rows_per_pass(model, n_positions: int, memory_budget_bytes: int) -> int:
+    """How many prompt-rows one forward pass may hold within ``memory_budget_bytes``.
+
+    A generous estimate of the float32 tensors alive per row: the residual
+    stream and its norms, the MLP hidden layer, the attention scores and
+    pattern, and the logits.
+    """
+    cfg = model.cfg
+    d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
+    floats_per_row = n_positions * (8 * cfg.d_model + 2 * d_mlp + 3 * cfg.n_heads * n_positions + 2 * cfg.d_vocab)
+    return max(1, memory_budget_bytes // (4 * floats_per_row))
+
+
+#: Default memory for one batched pass of an exact sweep (activations only).
+DEFAULT_PASS_MEMORY = 256 * 2**20
+
+Engine = Literal["auto", "prefix", "stacked", "loop"]
+
+
 def exact_sweep(
     model,
     base_tokens: Tokens,
@@ -228,48 +399,317 @@ def exact_sweep(
     replacements: Activations,
     family: str | Family,
     *,
-    variants_per_pass: int = 16,
+    variants_per_pass: int | None = None,
     progress: bool = False,
+    positions: Sequence[int] | None = None,
+    engine: Engine = "auto",
+    memory_budget_bytes: int = DEFAULT_PASS_MEMORY,
 ) -> torch.Tensor:
     """Exact effect of replacing each component of ``family`` in turn.
 
-    Returns ``M(patched) - M(base)`` with shape :func:`effect_shape`. To cut the
-    Python and kernel-launch overhead, ``variants_per_pass`` patched copies of the
-    batch are stacked along the batch axis and run in one forward pass;
-    ``variants_per_pass=1`` is the plain one-at-a-time loop (same numbers).
+    Returns ``M(patched) - M(base)`` with shape :func:`effect_shape` (entries
+    outside ``positions``, if given, are NaN). Every entry is a real rerun of
+    the model with one component replaced; the engines differ only in how much
+    redundant work they skip:
+
+    * ``"loop"``: one TransformerBridge forward per component (the textbook
+      loop, and what ``transformer_lens.patching`` does);
+    * ``"stacked"``: ``variants_per_pass`` patched copies of the batch stacked
+      along the batch axis in one bridge forward, the copies patched by one
+      vectorised ``torch.where`` per hook;
+    * ``"prefix"``: for GPT-2-style models, a functional forward over the
+      bridge's own weights (see :class:`GPT2Weights`) that starts each variant at
+      the patched layer from the cached base residual stream, and at the
+      patched position with the base run's keys and values for earlier
+      positions (causal attention: they cannot change). Variants that share a
+      layer and a first position run stacked in one pass. It checks itself
+      against the bridge's logits and hook activations on the base run and is
+      used only if they agree.
+    * ``"auto"``: ``"loop"`` if ``variants_per_pass == 1`` (so old calls keep
+      meaning the plain loop), else ``"prefix"`` when it applies, else ``"stacked"``.
+
+    ``variants_per_pass`` (default: as many as fit ``memory_budget_bytes``) caps
+    how many variants share one pass in the stacked and prefix engines.
     """
     from tqdm.auto import tqdm
 
     fam = get_family(family)
-    batch = base_tokens.shape[0]
-    shape = effect_shape(model, fam, base_tokens.shape[1])
-    components = list(torch.cartesian_prod(*[torch.arange(s) for s in shape]).reshape(-1, len(shape)).tolist())
-    effects = torch.empty(len(components))
+    _check_tokens(base_tokens, "base_tokens")
+    _check_replacements(model, replacements, fam, base_tokens)
+    if engine not in ("auto", "prefix", "stacked", "loop"):
+        raise ValueError(f"engine must be 'auto', 'prefix', 'stacked' or 'loop', got {engine!r}")
+    if variants_per_pass is not None and variants_per_pass < 1:
+        raise ValueError(f"variants_per_pass must be at least 1, got {variants_per_pass}")
+    batch, n_positions = base_tokens.shape
+    if variants_per_pass is None:
+        variants_per_pass = max(1, _rows_per_pass(model, n_positions, memory_budget_bytes) // batch)
+    if engine == "auto":
+        if variants_per_pass == 1:
+            engine = "loop"
+        else:
+            engine = "prefix" if functional_engine_problem(model, base_tokens, fam, replacements) is None else "stacked"
+    elif engine == "prefix":
+        problem = functional_engine_problem(model, base_tokens, fam, replacements)
+        if problem is not None:
+            raise ValueError(f"engine='prefix' cannot run this model: {problem}")
+    if engine == "loop":
+        variants_per_pass = 1
+
+    shape = effect_shape(model, fam, n_positions)
+    components = _components(model, fam, n_positions, positions)
+    effects = torch.full(shape, float("nan"))
+    # group the variants that can share one pass: same layer (and, for the prefix engine, same first position)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (layer, *rest) in enumerate(components.tolist()):
+        first = _first_changed_position(fam, rest) if engine == "prefix" else 0
+        groups.setdefault((layer, first), []).append(k)
+    chunks = [
+        (layer, first, members[start : start + variants_per_pass])
+        for (layer, first), members in groups.items()
+        for start in range(0, len(members), variants_per_pass)
+    ]
     with torch.no_grad():
-        base_value = metric(model(base_tokens)).item()
-        chunks = range(0, len(components), variants_per_pass)
-        for start in tqdm(chunks, disable=not progress, desc=f"exact {fam.name}"):
-            chunk = components[start : start + variants_per_pass]
-            by_layer: dict[int, list[tuple[int, tuple]]] = {}
-            for k, (layer, *rest) in enumerate(chunk):
-                by_layer.setdefault(layer, []).append((k, component_index(fam, tuple(rest))))
+        if engine == "prefix":
+            runner = _PrefixRunner(model, base_tokens, fam, replacements)
+            base_logits = runner.base_logits
+        else:
+            base_logits = model(base_tokens)
+        base_value = metric(base_logits).item()
+        for layer, first, members in tqdm(chunks, disable=not progress, desc=f"exact {fam.name}"):
+            chunk_components = components[members][:, 1:]
+            if engine == "prefix":
+                logits = runner.run(layer, first, chunk_components)
+            else:
+                name = fam.hook_name(layer)
 
-            def make_hook(name, layer_items):
-                def replace(act, hook):
-                    act = act.clone()
-                    source = replacements[name].to(act.dtype)
-                    for k, index in layer_items:
-                        rows = slice(k * batch, (k + 1) * batch)
-                        act[(rows, *index[1:])] = source[index]
-                    return act
+                def replace(act, hook, name=name, chunk_components=chunk_components):
+                    return _replace_components(act, replacements[name], fam, chunk_components)
 
-                return replace
+                stacked_tokens = base_tokens.repeat(len(members), 1)
+                logits = model.run_with_hooks(stacked_tokens, fwd_hooks=[(name, replace)])
+            for k, row in enumerate(members):
+                value = metric(logits[k * batch : (k + 1) * batch]).item()
+                effects[tuple(components[row].tolist())] = value - base_value
+    return effects
 
-            hooks = [(fam.hook_name(layer), make_hook(fam.hook_name(layer), items)) for layer, items in by_layer.items()]
-            logits = model.run_with_hooks(base_tokens.repeat(len(chunk), 1), fwd_hooks=hooks)
-            for k in range(len(chunk)):
-                effects[start + k] = metric(logits[k * batch : (k + 1) * batch]).item() - base_value
-    return effects.reshape(shape)
+
+# ---------------------------------------------------------------- the prefix engine (GPT-2)
+
+
+def _unwrap(module):
+    """The Hugging Face module inside TransformerBridge's wrappers."""
+    while hasattr(module, "original_component") and module.original_component is not None:
+        module = module.original_component
+    return module
+
+
+@dataclass
+class GPT2Weights:
+    """The weights a GPT-2-architecture TransformerBridge runs, as plain tensors.
+
+    They are read from the bridge itself (``W_Q``, ``W_in``, ``W_U``, ... and
+    its LayerNorm modules), i.e. after the weight processing of compatibility
+    mode (LayerNorm folding), so a functional forward over them computes what
+    the bridge computes. Per layer: ``qkv_w`` ``[d_model, 3 * n_heads * d_head]``,
+    ``out_w`` ``[n_heads * d_head, d_model]``, ``in_w`` ``[d_model, d_mlp]``,
+    ``mlp_out_w`` ``[d_mlp, d_model]``.
+    """
+
+    token_embedding: torch.Tensor
+    position_embedding: torch.Tensor
+    blocks: list[dict[str, torch.Tensor]]
+    final_norm: tuple[torch.Tensor | None, torch.Tensor | None]
+    unembed: torch.Tensor
+    unembed_bias: torch.Tensor | None
+    eps: float
+    n_heads: int
+
+    @classmethod
+    def from_bridge(cls, model) -> "GPT2Weights":
+        cfg = model.cfg
+        hf_config = getattr(_unwrap(getattr(model, "original_model", None)), "config", None)
+        problems = {
+            "model_type": (getattr(hf_config, "model_type", None), "gpt2"),
+            "normalization_type": (cfg.normalization_type, "LN"),
+            "positional_embedding_type": (cfg.positional_embedding_type, "standard"),
+            "parallel_attn_mlp": (bool(cfg.parallel_attn_mlp), False),
+            "attn_only": (bool(cfg.attn_only), False),
+            "scale_attn_by_inverse_layer_idx": (bool(getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)), False),
+            "reorder_and_upcast_attn": (bool(getattr(hf_config, "reorder_and_upcast_attn", False)), False),
+        }
+        for what, (found, wanted) in problems.items():
+            if found != wanted:
+                raise ValueError(f"the prefix engine needs {what}={wanted!r}, the model has {found!r}")
+        if cfg.act_fn not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"the prefix engine needs the tanh GELU, the model uses {cfg.act_fn!r}")
+        with torch.no_grad():
+            heads_last = lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1)  # [head, d_model, d_head] -> [d_model, head*d_head]
+            blocks = []
+            for layer in range(cfg.n_layers):
+                ln_1, ln_2 = _unwrap(model.blocks[layer].ln1), _unwrap(model.blocks[layer].ln2)
+                blocks.append(
+                    {
+                        "ln_1_w": ln_1.weight, "ln_1_b": ln_1.bias,
+                        "qkv_w": torch.cat([heads_last(model.W_Q[layer]), heads_last(model.W_K[layer]), heads_last(model.W_V[layer])], 1),
+                        "qkv_b": torch.cat([model.b_Q[layer].flatten(), model.b_K[layer].flatten(), model.b_V[layer].flatten()]),
+                        "out_w": model.W_O[layer].reshape(-1, cfg.d_model), "out_b": model.b_O[layer],
+                        "ln_2_w": ln_2.weight, "ln_2_b": ln_2.bias,
+                        "in_w": model.W_in[layer], "in_b": model.b_in[layer],
+                        "mlp_out_w": model.W_out[layer], "mlp_out_b": model.b_out[layer],
+                    }
+                )
+            ln_f = _unwrap(model.ln_final)
+            return cls(
+                token_embedding=model.W_E.detach(),
+                position_embedding=model.W_pos.detach(),
+                blocks=[{k: v.detach() if v is not None else None for k, v in b.items()} for b in blocks],
+                final_norm=(ln_f.weight, ln_f.bias),
+                unembed=model.W_U.detach(),
+                unembed_bias=None if getattr(model, "b_U", None) is None else model.b_U.detach(),
+                eps=cfg.eps,
+                n_heads=cfg.n_heads,
+            )
+
+
+#: Where each family's hook sits in a block of the functional forward.
+_FUNCTIONAL_SITES = {
+    "blocks.{layer}.hook_resid_pre": "resid_pre",
+    "blocks.{layer}.attn.hook_pattern": "pattern",
+    "blocks.{layer}.attn.hook_z": "z",
+    "blocks.{layer}.hook_attn_out": "attn_out",
+    "blocks.{layer}.hook_mlp_out": "mlp_out",
+}
+
+
+class _PrefixRunner:
+    """Runs patched variants from the patched layer and position onwards.
+
+    The base run is computed once (functionally) and its residual stream and
+    keys/values are kept per layer; :meth:`run` then starts a stack of
+    variants at ``layer`` with positions ``first..`` only, reading the base
+    run's keys and values for earlier positions.
+    """
+
+    def __init__(self, model, base_tokens: Tokens, family: Family, replacements: Activations):
+        self.weights = GPT2Weights.from_bridge(model)
+        self.family = family
+        self.replacements = replacements
+        self.site = _FUNCTIONAL_SITES[family.hook]
+        self.batch, self.n_positions = base_tokens.shape
+        self.base_resid: list[torch.Tensor] = []
+        self.base_keys: list[torch.Tensor] = []
+        self.base_values: list[torch.Tensor] = []
+        self.base_activations: Activations = {}
+        self.base_logits = self._forward_base(base_tokens)
+
+    # -- pieces of a GPT-2 block
+    def _norm(self, x, weight, bias):
+        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.weights.eps)
+
+    def _heads(self, x):  # [rows, pos, d_model] -> [rows, head, pos, d_head]
+        rows, pos, d_model = x.shape
+        return x.view(rows, pos, self.weights.n_heads, d_model // self.weights.n_heads).transpose(1, 2)
+
+    def _block(self, layer, resid, first, keys_before, values_before, patch=None):
+        """One block on positions ``first..``; ``patch(site, act)`` may replace an activation."""
+        w = self.weights.blocks[layer]
+        if patch is not None:
+            resid = patch("resid_pre", resid)
+        qkv = torch.addmm(w["qkv_b"], self._norm(resid, w["ln_1_w"], w["ln_1_b"]).flatten(0, 1), w["qkv_w"])
+        q, k, v = qkv.view(resid.shape[0], resid.shape[1], -1).split(resid.shape[-1], dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        if keys_before is not None:
+            k = torch.cat([keys_before, k], dim=2)
+            v = torch.cat([values_before, v], dim=2)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        query_pos = torch.arange(first, first + q.shape[2]).unsqueeze(1)
+        key_pos = torch.arange(k.shape[2]).unsqueeze(0)
+        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        pattern = scores.softmax(-1)
+        if patch is not None:
+            pattern = patch("pattern", pattern)
+        z = (pattern @ v).transpose(1, 2)  # [rows, pos, head, d_head]
+        if patch is not None:
+            z = patch("z", z)
+        attn_out = torch.addmm(w["out_b"], z.flatten(2).flatten(0, 1), w["out_w"]).view_as(resid)
+        if patch is not None:
+            attn_out = patch("attn_out", attn_out)
+        resid_mid = resid + attn_out
+        hidden = torch.addmm(w["in_b"], self._norm(resid_mid, w["ln_2_w"], w["ln_2_b"]).flatten(0, 1), w["in_w"])
+        hidden = torch.nn.functional.gelu(hidden, approximate="tanh")
+        mlp_out = torch.addmm(w["mlp_out_b"], hidden, w["mlp_out_w"]).view_as(resid)
+        if patch is not None:
+            mlp_out = patch("mlp_out", mlp_out)
+        return resid_mid + mlp_out, k, v, {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out}
+
+    def _unembed(self, resid):
+        normed = self._norm(resid, *self.weights.final_norm)
+        logits = normed @ self.weights.unembed
+        return logits if self.weights.unembed_bias is None else logits + self.weights.unembed_bias
+
+    def _forward_base(self, tokens):
+        positions = torch.arange(tokens.shape[1])
+        resid = self.weights.token_embedding[tokens] + self.weights.position_embedding[positions]
+        for layer in range(len(self.weights.blocks)):
+            self.base_resid.append(resid)
+            resid, k, v, sites = self._block(layer, resid, 0, None, None)
+            self.base_keys.append(k)
+            self.base_values.append(v)
+            self.base_activations[self.family.hook_name(layer)] = sites[self.site]
+        return self._unembed(resid)
+
+    def run(self, layer: int, first: int, components: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n_variants * batch, pos, vocab]`` of the variants patched at ``layer``."""
+        n_variants = components.shape[0]
+        repeat = lambda t: t.repeat(n_variants, *([1] * (t.ndim - 1)))  # noqa: E731
+        source = _suffix(self.family, self.replacements[self.family.hook_name(layer)], first)
+
+        def patch(site, act):
+            return _replace_components(act, source, self.family, components, first) if site == self.site else act
+
+        resid = repeat(self.base_resid[layer][:, first:])
+        for current in range(layer, len(self.weights.blocks)):
+            before = (repeat(self.base_keys[current][:, :, :first]), repeat(self.base_values[current][:, :, :first])) if first else (None, None)
+            resid, _, _, _ = self._block(current, resid, first, *before, patch=patch if current == layer else None)
+        logits = self._unembed(resid)
+        if first:
+            logits = torch.cat([repeat(self.base_logits[:, :first]), logits], dim=1)
+        return logits
+
+
+#: How closely the functional forward must reproduce the bridge before it is trusted.
+FUNCTIONAL_TOLERANCE = 1e-4
+
+
+def functional_engine_problem(model, base_tokens: Tokens, family: str | Family, replacements: Activations | None = None) -> str | None:
+    """Why the prefix engine cannot run ``family`` on ``model``, or ``None`` if it can.
+
+    Besides the architecture checks, it runs the base prompts through the bridge
+    and the functional forward and compares the logits and the family's hook
+    activations (max abs difference at most :data:`FUNCTIONAL_TOLERANCE`).
+    """
+    fam = get_family(family)
+    if fam.hook not in _FUNCTIONAL_SITES:
+        return f"hook {fam.hook} has no place in the functional forward"
+    try:
+        runner = _PrefixRunner(model, base_tokens, fam, replacements or {})
+    except (ValueError, AttributeError, TypeError) as err:
+        return str(err)
+    names = hook_names(model, fam)
+    bridge_activations: Activations = {}
+    with torch.no_grad():
+        bridge_logits = model.run_with_hooks(base_tokens, fwd_hooks=[(n, _saver(bridge_activations, n)) for n in names])
+    if bridge_logits.shape != runner.base_logits.shape:
+        return f"logits shape {tuple(runner.base_logits.shape)} != bridge {tuple(bridge_logits.shape)}"
+    worst = (bridge_logits - runner.base_logits).abs().max().item()
+    for name in names:
+        ours, theirs = runner.base_activations[name], bridge_activations[name]
+        if ours.shape != theirs.shape:
+            return f"{name}: shape {tuple(ours.shape)} != bridge {tuple(theirs.shape)}"
+        worst = max(worst, (ours - theirs).abs().max().item())
+    if not worst <= FUNCTIONAL_TOLERANCE:
+        return f"functional forward differs from the bridge by {worst:.2e} (> {FUNCTIONAL_TOLERANCE})"
+    return None
 
 
 # ---------------------------------------------------------------- attribution
@@ -291,7 +731,9 @@ def attribution_estimate(
     keep = [1 + fam.axes.index(axis) for axis in fam.component_axes]
     per_layer = []
     for name in sorted(activations, key=_layer_of):
-        product = (replacements[name] - activations[name]) * gradients[name]
+        if name not in gradients or name not in replacements:
+            raise ValueError(f"hook {name!r} has an activation but no gradient or replacement")
+        product = (replacements[name].to(activations[name].dtype) - activations[name]) * gradients[name]
         summed = [d for d in range(product.ndim) if d not in keep]
         reduced = product.sum(dim=summed)
         # summing leaves the kept axes in activation order; put them in component order
@@ -313,6 +755,72 @@ def attribution_sweep(
     family: str | Family,
 ) -> torch.Tensor:
     """Attribution for every component of ``family``: one forward and one backward pass."""
-    names = hook_names(model, family)
+    fam = get_family(family)
+    _check_tokens(base_tokens, "base_tokens")
+    _check_replacements(model, replacements, fam, base_tokens)
+    names = hook_names(model, fam)
     _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
-    return attribution_estimate(activations, gradients, replacements, family)
+    return attribution_estimate(activations, gradients, replacements, fam)
+
+
+def attribution_sweeps(
+    model,
+    base_tokens: Tokens,
+    metric: Metric,
+    families: Sequence[str | Family],
+    *,
+    kind: ReplacementKind,
+    source_tokens: Tokens | None = None,
+) -> dict[str, torch.Tensor]:
+    """Attribution for several component families at once, at the cost floor.
+
+    One forward pass on ``source_tokens`` (only for ``"patch"``/``"resample"``,
+    or ``"mean"`` over a separate reference set) caches the replacements, and
+    one forward plus one backward pass on ``base_tokens`` gives every family's
+    activations and gradients: hooks sit only on the hook points the families
+    need, parameters are frozen for the call and the backward stops at the
+    earliest of those hook points. ``"zero"`` and ``"mean"`` over the base
+    prompts need no second forward at all.
+
+    Noising: ``base_tokens`` = clean, ``source_tokens`` = corrupted;
+    denoising: the other way round (:func:`base_and_source`).
+    Returns ``{family name: estimate}``, each shaped :func:`effect_shape`.
+    """
+    if not families:
+        raise ValueError("families must name at least one component family")
+    fams = [get_family(f) for f in families]
+    _check_tokens(base_tokens, "base_tokens")
+    _check_kind(kind, source_tokens, base_tokens)
+    names = list(dict.fromkeys(name for fam in fams for name in hook_names(model, fam)))
+    if kind in ("patch", "resample") or (kind == "mean" and source_tokens is not None):
+        source = cache_activations(model, source_tokens, names)
+    _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
+    if kind == "zero":
+        replacements = zero_replacement(activations)
+    elif kind == "mean":
+        replacements = mean_replacement(activations if source_tokens is None else source)
+        replacements = {n: a[:1].expand_as(activations[n]) for n, a in replacements.items()}
+    else:
+        replacements = source
+    results = {}
+    for fam in fams:
+        mine = set(hook_names(model, fam))
+        pick = lambda store: {n: t for n, t in store.items() if n in mine}  # noqa: E731
+        results[fam.name] = attribution_estimate(pick(activations), pick(gradients), pick(replacements), fam)
+    return results
+
+
+Direction = Literal["noising", "denoising"]
+
+
+def base_and_source(clean_tokens: Tokens, corrupted_tokens: Tokens, direction: Direction) -> tuple[Tokens, Tokens]:
+    """``(base_tokens, source_tokens)`` for clean/corrupt patching in ``direction``.
+
+    Noising runs the clean prompts and patches in corrupted activations;
+    denoising runs the corrupted prompts and patches in clean activations.
+    """
+    if direction == "noising":
+        return clean_tokens, corrupted_tokens
+    if direction == "denoising":
+        return corrupted_tokens, clean_tokens
+    raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")

@@ -1,0 +1,616 @@
+"""Benchmark: exact patching and attribution patching, ours vs TransformerLens, vs the cost floor.
+
+Run ``python -m attribution_course.bench`` (or ``make bench``). Everything runs
+in one process on the same model, prompts and components; every time is the
+median of ``--repeats`` runs after one warm-up run. It writes
+``bench-output/bench.json`` and ``bench-output/bench.md`` (and, with
+``--markdown PATH``, a copy of the markdown there, e.g. ``docs/performance.md``).
+
+What is timed (the headline sweep: every attention head at every position,
+``head_pos``, clean/corrupt patching in the denoising direction, because that is
+the direction both TransformerLens tools implement):
+
+* ``floor_frozen``: the cost floor: bare model forward on the clean prompts
+  (no grad), forward on the corrupted prompts with autograd recording from the
+  embedding output only (parameters frozen) and one backward; no TransformerLens
+  hooks (one plain ``torch`` forward hook on the embedding module marks its output
+  as requiring grad).
+* ``floor_full``: the same with the parameters left trainable, so the backward
+  also computes every weight gradient (what a bare ``loss.backward()`` does).
+* ``attribution_ours``: :func:`patching.attribution_sweeps` for ``head_pos``.
+* ``attribution_ours_all_families``: the same call for every family at once.
+* ``exact_ours``: :func:`patching.replacement_activations` + :func:`patching.exact_sweep`
+  (engine ``"prefix"``, the default for GPT-2 models).
+* ``exact_ours_stacked``: the same with the bridge forward and stacked variants.
+* ``exact_ours_loop``: one bridge forward per component (``variants_per_pass=1``).
+* ``exact_transformer_lens``: ``run_with_cache`` + ``transformer_lens.patching.
+  get_act_patch_attn_head_out_by_pos``, called inside ``torch.no_grad()``.
+* ``attribution_transformer_lens``: ``transformer_lens.tools.analysis.
+  attribution_patching.attribution_patch`` (node granularity), once per prompt pair
+  (see "sign and scale conventions" below for why per pair).
+
+JSON schema (``schema_version`` 1); every time is in seconds::
+
+    {
+      "schema_version": 1,
+      "command": str,                       # how this run was started
+      "started_at": str, "duration_s": float,
+      "machine": {"platform", "python", "torch", "transformer_lens", "cpu_count",
+                  "affinity_cores", "torch_threads", "load_average_before": [3 floats],
+                  "load_average_after": [3 floats]},
+      "model": {"path": str, "n_layers", "n_heads", "d_model", "d_vocab", "n_params"},
+      "setup": {"n_prompts", "n_positions", "seed", "family", "direction", "kind",
+                "n_components", "repeats", "warmup"},
+      "timings": {name: {"median_s", "min_s", "max_s", "runs_s": [float],
+                         "available": bool, "reason": str | null}},
+      "ratios": {"attribution_over_floor_frozen", "attribution_over_floor_full",
+                 "attribution_all_families_over_floor_frozen",
+                 "exact_ours_over_transformer_lens", "transformer_lens_over_exact_ours",
+                 "exact_over_attribution", "loop_over_exact_ours"},
+      "agreement": {"exact_ours_vs_transformer_lens_max_abs", "exact_ours_vs_loop_max_abs",
+                    "attribution_ours_vs_transformer_lens_head_pos_max_abs",
+                    "attribution_ours_vs_transformer_lens_mlp_pos_max_abs", ...},
+      "families": [{"family", "components", "exact_ours_s", "exact_transformer_lens_s",
+                    "transformer_lens_function", "speedup", "max_abs_diff", "attribution_ours_s"}],
+      "scaling": {"prompts": [{"n_prompts", "exact_ours_s", "exact_transformer_lens_s",
+                               "attribution_ours_s", "floor_frozen_s"}],
+                  "positions": [{"n_positions_swept", "n_components", "exact_ours_s",
+                                 "exact_ours_loop_s", "attribution_ours_s"}]},
+      "peak_rss_mb": float,                 # whole process, so an upper bound for every run
+      "targets": [{"name", "value", "limit", "met": bool}]
+    }
+
+Read it back with :func:`load_results`; :func:`scaling_figure` draws the scaling
+plot the cost chapter shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+SCHEMA_VERSION = 1
+DEFAULT_OUTPUT_DIR = Path("bench-output")
+
+#: Exact-sweep families with their transformer_lens.patching counterpart and how
+#: to turn its result ([layer, ...] in its axis order) into ours.
+TL_EXACT = {
+    "head": ("get_act_patch_attn_head_out_all_pos", lambda t: t),
+    "head_pos": ("get_act_patch_attn_head_out_by_pos", lambda t: t.permute(0, 2, 1)),  # [layer, pos, head] -> [layer, head, pos]
+    "pattern": ("get_act_patch_attn_head_pattern_all_pos", lambda t: t),
+    "resid_pos": ("get_act_patch_resid_pre", lambda t: t),
+    "mlp_pos": ("get_act_patch_mlp_out", lambda t: t),
+    "attn_pos": ("get_act_patch_attn_out", lambda t: t),
+    "mlp": (None, None),
+}
+
+TARGETS = {
+    "attribution_over_floor_frozen": 1.5,  # at most
+    "transformer_lens_over_exact_ours": 3.0,  # at least
+    "exact_ours_vs_transformer_lens_max_abs": 1e-4,  # below
+    "peak_rss_mb": 4096.0,  # below
+}
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
+    """Median, min and max wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        runs.append(time.perf_counter() - start)
+    return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs), "runs_s": runs, "available": True, "reason": None}
+
+
+def unavailable(reason: str) -> dict:
+    return {"median_s": None, "min_s": None, "max_s": None, "runs_s": [], "available": False, "reason": reason}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- the operations timed
+
+
+def floor_run(model, clean_tokens, corrupted_tokens, metric, *, frozen: bool) -> None:
+    """The cost floor: clean forward, corrupted forward with autograd, one backward; no lens hooks."""
+    from .patching import parameters_frozen
+
+    with torch.no_grad():
+        model(clean_tokens)
+    if frozen:
+        handle = model.embed.register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+        try:
+            with parameters_frozen(model), torch.enable_grad():
+                metric(model(corrupted_tokens)).backward()
+        finally:
+            handle.remove()
+    else:
+        with torch.enable_grad():
+            metric(model(corrupted_tokens)).backward()
+        model.zero_grad(set_to_none=True)
+
+
+def tl_exact(model, base_tokens, source_tokens, metric, family: str):
+    """``transformer_lens.patching``'s sweep for ``family``, as M(patched) in its own axis order."""
+    from transformer_lens import patching as tl_patching
+
+    function_name, _ = TL_EXACT[family]
+    with torch.no_grad():
+        _, source_cache = model.run_with_cache(source_tokens)
+        return getattr(tl_patching, function_name)(model, base_tokens, source_cache, metric)
+
+
+def tl_attribution(model, prompts, metric_for):
+    """TransformerLens node attribution, one call per prompt pair, averaged (see module docstring).
+
+    Returns ``{"head_pos": [layer, head, pos], "mlp_pos": [layer, pos]}``.
+    """
+    from transformer_lens.tools.analysis.attribution_patching import attribution_patch
+
+    n_layers, n_heads, n_positions = model.cfg.n_layers, model.cfg.n_heads, prompts.clean_tokens.shape[1]
+    heads = torch.zeros(n_layers, n_heads, n_positions)
+    mlps = torch.zeros(n_layers, n_positions)
+    for i in range(len(prompts)):
+        pair = prompts.subset([i])
+        result = attribution_patch(model, pair.clean_tokens, pair.corrupted_tokens, metric_for(pair))
+        for node, score in result.node_scores.items():
+            if node.kind == "attn_head_out":
+                heads[node.layer, node.head, node.position] += score
+            elif node.kind == "mlp_out":
+                mlps[node.layer, node.position] += score
+    return {"head_pos": heads / len(prompts), "mlp_pos": mlps / len(prompts)}
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def run_benchmark(
+    model_path: str | None = None,
+    *,
+    n_prompts: int = 32,
+    repeats: int = 5,
+    seed: int = 0,
+    scaling_prompts: tuple[int, ...] = (4, 8, 16, 32, 64),
+    scaling_positions: tuple[int, ...] = (1, 3, 5, 10, 15),
+    families: bool = True,
+    command: str = "",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run every measurement and return the results dict (schema in the module docstring)."""
+    import importlib.metadata
+
+    from . import patching
+    from .metrics import logit_diff
+    from .model import SHIPPED_MODEL_DIR, load_model
+    from .prompts import make_ioi_prompts
+
+    started = time.time()
+    load_before = list(os.getloadavg())
+    model = load_model(model_path)
+    cfg = model.cfg
+    prompts = make_ioi_prompts(model, n_prompts, seed=seed)
+    metric_for = lambda p: (lambda logits: logit_diff(logits, p))  # noqa: E731
+    metric = metric_for(prompts)
+    family = "head_pos"
+    base, source = patching.base_and_source(prompts.clean_tokens, prompts.corrupted_tokens, "denoising")
+    n_positions = base.shape[1]
+    results: dict = {
+        "schema_version": SCHEMA_VERSION,
+        "command": command,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformer_lens": importlib.metadata.version("transformer-lens"),
+            "cpu_count": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(),
+            "load_average_before": load_before,
+        },
+        "model": {
+            "path": str(model_path or SHIPPED_MODEL_DIR),
+            "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads,
+            "d_model": cfg.d_model,
+            "d_vocab": cfg.d_vocab,
+            "n_params": sum(p.numel() for p in model.parameters()),
+        },
+        "setup": {
+            "n_prompts": n_prompts,
+            "n_positions": n_positions,
+            "seed": seed,
+            "family": family,
+            "direction": "denoising",
+            "kind": "patch",
+            "n_components": int(torch.tensor(patching.effect_shape(model, family, n_positions)).prod()),
+            "repeats": repeats,
+            "warmup": 1,
+        },
+    }
+
+    def exact_ours(engine="auto", tokens=base, src=source, positions=None, fam=family, metric=metric):
+        replacements = patching.replacement_activations(model, fam, kind="patch", base_tokens=tokens, source_tokens=src)
+        return patching.exact_sweep(model, tokens, metric, replacements, fam, engine=engine, positions=positions)
+
+    def attribution_ours(tokens=base, src=source, fams=(family,), metric=metric):
+        return patching.attribution_sweeps(model, tokens, metric, list(fams), kind="patch", source_tokens=src)
+
+    timings: dict = {}
+    log(f"model {results['model']['path']}: {n_prompts} prompts x {n_positions} positions, {torch.get_num_threads()} torch threads")
+    timings["floor_frozen"] = time_call(lambda: floor_run(model, source, base, metric, frozen=True), repeats)
+    timings["floor_full"] = time_call(lambda: floor_run(model, source, base, metric, frozen=False), repeats)
+    timings["attribution_ours"] = time_call(attribution_ours, repeats)
+    all_families = list(patching.FAMILIES)
+    timings["attribution_ours_all_families"] = time_call(lambda: attribution_ours(fams=all_families), repeats)
+    log("floor and attribution timed")
+    timings["exact_ours"] = time_call(exact_ours, repeats)
+    timings["exact_ours_stacked"] = time_call(lambda: exact_ours(engine="stacked"), max(1, repeats // 2))
+    timings["exact_ours_loop"] = time_call(lambda: exact_ours(engine="loop"), max(1, repeats // 2))
+    log("our exact sweeps timed")
+    try:
+        timings["exact_transformer_lens"] = time_call(lambda: tl_exact(model, base, source, metric, family), max(1, repeats // 2))
+    except Exception as err:  # report, do not fake
+        timings["exact_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
+    try:
+        timings["attribution_transformer_lens"] = time_call(lambda: tl_attribution(model, prompts, metric_for), max(1, repeats // 2))
+    except Exception as err:
+        timings["attribution_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
+    log("TransformerLens timed")
+    results["timings"] = timings
+
+    # ---- agreement
+    agreement: dict = {}
+    ours = exact_ours()
+    loop = exact_ours(engine="loop")
+    agreement["exact_ours_vs_loop_max_abs"] = (ours - loop).abs().max().item()
+    with torch.no_grad():
+        base_value = metric(model(base)).item()
+    if timings["exact_transformer_lens"]["available"]:
+        theirs = TL_EXACT[family][1](tl_exact(model, base, source, metric, family)) - base_value
+        agreement["exact_ours_vs_transformer_lens_max_abs"] = (ours - theirs).abs().max().item()
+        agreement["exact_loop_vs_transformer_lens_max_abs"] = (loop - theirs).abs().max().item()
+    attribution = attribution_ours(fams=("head_pos", "mlp_pos"))
+    if timings["attribution_transformer_lens"]["available"]:
+        theirs = tl_attribution(model, prompts, metric_for)
+        for fam in ("head_pos", "mlp_pos"):
+            agreement[f"attribution_ours_vs_transformer_lens_{fam}_max_abs"] = (attribution[fam] - theirs[fam]).abs().max().item()
+        agreement["attribution_max_abs_head_pos"] = attribution["head_pos"].abs().max().item()
+    agreement["exact_max_abs_head_pos"] = ours.abs().max().item()
+    results["agreement"] = agreement
+
+    # ---- ratios
+    median = lambda name: timings[name]["median_s"]  # noqa: E731
+    ratios = {
+        "attribution_over_floor_frozen": median("attribution_ours") / median("floor_frozen"),
+        "attribution_over_floor_full": median("attribution_ours") / median("floor_full"),
+        "attribution_all_families_over_floor_frozen": median("attribution_ours_all_families") / median("floor_frozen"),
+        "exact_over_attribution": median("exact_ours") / median("attribution_ours"),
+        "loop_over_exact_ours": median("exact_ours_loop") / median("exact_ours"),
+        "exact_ours_over_transformer_lens": None,
+        "transformer_lens_over_exact_ours": None,
+    }
+    if timings["exact_transformer_lens"]["available"]:
+        ratios["exact_ours_over_transformer_lens"] = median("exact_ours") / median("exact_transformer_lens")
+        ratios["transformer_lens_over_exact_ours"] = median("exact_transformer_lens") / median("exact_ours")
+    results["ratios"] = ratios
+
+    # ---- every family: our exact sweep vs transformer_lens.patching's
+    rows = []
+    if families:
+        for fam in patching.FAMILIES:
+            function_name, to_ours = TL_EXACT.get(fam, (None, None))
+            row = {
+                "family": fam,
+                "components": int(torch.tensor(patching.effect_shape(model, fam, n_positions)).prod()),
+                "exact_ours_s": time_call(lambda: exact_ours(fam=fam), max(1, repeats // 2))["median_s"],
+                "attribution_ours_s": time_call(lambda: attribution_ours(fams=(fam,)), max(1, repeats // 2))["median_s"],
+                "transformer_lens_function": function_name,
+                "exact_transformer_lens_s": None,
+                "speedup": None,
+                "max_abs_diff": None,
+            }
+            if function_name is None:
+                row["transformer_lens_function"] = "not available: transformer_lens.patching has no whole-layer MLP sweep"
+            else:
+                row["exact_transformer_lens_s"] = time_call(lambda: tl_exact(model, base, source, metric, fam), 1)["median_s"]
+                row["speedup"] = row["exact_transformer_lens_s"] / row["exact_ours_s"]
+                theirs = to_ours(tl_exact(model, base, source, metric, fam)) - base_value
+                row["max_abs_diff"] = (exact_ours(fam=fam) - theirs).abs().max().item()
+            rows.append(row)
+            log(f"family {fam} done")
+    results["families"] = rows
+
+    # ---- scaling
+    scaling: dict = {"prompts": [], "positions": []}
+    scaling_repeats = max(1, min(3, repeats))
+    for n in scaling_prompts:
+        p = make_ioi_prompts(model, n, seed=seed)
+        b, s = patching.base_and_source(p.clean_tokens, p.corrupted_tokens, "denoising")
+        m = metric_for(p)
+        scaling["prompts"].append(
+            {
+                "n_prompts": n,
+                "exact_ours_s": time_call(lambda: exact_ours(tokens=b, src=s, metric=m), scaling_repeats)["median_s"],
+                "exact_transformer_lens_s": time_call(lambda: tl_exact(model, b, s, m, family), 1)["median_s"]
+                if timings["exact_transformer_lens"]["available"]
+                else None,
+                "attribution_ours_s": time_call(lambda: attribution_ours(tokens=b, src=s, metric=m), scaling_repeats)["median_s"],
+                "floor_frozen_s": time_call(lambda: floor_run(model, s, b, m, frozen=True), scaling_repeats)["median_s"],
+            }
+        )
+        log(f"scaling: {n} prompts done")
+    for k in scaling_positions:
+        k = min(k, n_positions)
+        swept = list(range(n_positions - k, n_positions))  # the last k positions
+        scaling["positions"].append(
+            {
+                "n_positions_swept": k,
+                "n_components": cfg.n_layers * cfg.n_heads * k,
+                "exact_ours_s": time_call(lambda: exact_ours(positions=swept), scaling_repeats)["median_s"],
+                "exact_ours_loop_s": time_call(lambda: exact_ours(engine="loop", positions=swept), 1)["median_s"],
+                "attribution_ours_s": time_call(attribution_ours, scaling_repeats)["median_s"],
+            }
+        )
+        log(f"scaling: {k} positions done")
+    results["scaling"] = scaling
+
+    results["machine"]["load_average_after"] = list(os.getloadavg())
+    results["peak_rss_mb"] = peak_rss_mb()
+    results["duration_s"] = time.time() - started
+    results["targets"] = check_targets(results)
+    return results
+
+
+def check_targets(results: dict) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it is met."""
+    ratios, agreement = results["ratios"], results["agreement"]
+    checks = [
+        ("attribution (head x position) / floor (frozen 2F+1B) <= 1.5", ratios["attribution_over_floor_frozen"], 1.5, "max"),
+        ("TransformerLens exact / our exact (head x position) >= 3", ratios["transformer_lens_over_exact_ours"], 3.0, "min"),
+        ("max |our exact - TransformerLens exact| < 1e-4", agreement.get("exact_ours_vs_transformer_lens_max_abs"), 1e-4, "below"),
+        ("peak memory (RSS, whole process) < 4 GB", results["peak_rss_mb"], 4096.0, "below"),
+    ]
+    targets = []
+    for name, value, limit, how in checks:
+        if value is None:
+            met = False
+        elif how == "max":
+            met = value <= limit
+        elif how == "min":
+            met = value >= limit
+        else:
+            met = value < limit
+        targets.append({"name": name, "value": value, "limit": limit, "met": met})
+    return targets
+
+
+# ---------------------------------------------------------------- reading and reporting
+
+
+def load_results(path: str | os.PathLike = DEFAULT_OUTPUT_DIR / "bench.json") -> dict:
+    """The results of a benchmark run, read from its JSON (schema in the module docstring).
+
+    Raises ``ValueError`` naming the file if it is not a benchmark result of this schema.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no benchmark results at {path}; run `make bench` first")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(results, dict) or results.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path} is not a benchmark result with schema_version {SCHEMA_VERSION}")
+    return results
+
+
+def scaling_figure(results: dict):
+    """A plotly figure: time vs number of prompts and vs number of positions swept (log y)."""
+    from plotly.subplots import make_subplots
+
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("time vs number of prompts", "time vs positions swept (head x position)"))
+    prompts = results["scaling"]["prompts"]
+    series = [
+        ("exact_ours_s", "exact, ours"),
+        ("exact_transformer_lens_s", "exact, TransformerLens"),
+        ("attribution_ours_s", "attribution, ours"),
+        ("floor_frozen_s", "floor 2F+1B"),
+    ]
+    for key, label in series:
+        if any(row.get(key) is not None for row in prompts):
+            figure.add_scatter(x=[r["n_prompts"] for r in prompts], y=[r[key] for r in prompts], name=label, legendgroup=label, mode="lines+markers", row=1, col=1)
+    positions = results["scaling"]["positions"]
+    for key, label in [("exact_ours_s", "exact, ours"), ("exact_ours_loop_s", "exact, one at a time"), ("attribution_ours_s", "attribution, ours")]:
+        figure.add_scatter(
+            x=[r["n_positions_swept"] for r in positions], y=[r[key] for r in positions], name=label, legendgroup=label,
+            showlegend=key == "exact_ours_loop_s", mode="lines+markers", row=1, col=2,
+        )
+    figure.update_yaxes(type="log", title_text="seconds (median)")
+    figure.update_xaxes(title_text="prompts", row=1, col=1)
+    figure.update_xaxes(title_text="positions swept", row=1, col=2)
+    figure.update_layout(height=420, margin=dict(t=40, b=40, l=60, r=20))
+    return figure
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value * 1000:.0f} ms" if value < 10 else f"{value:.1f} s"
+
+
+def _ratio(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def markdown_report(results: dict) -> str:
+    """The markdown table (with machine info and the command) written next to the JSON."""
+    t, r, a, s, mach, mdl = (results[k] for k in ("timings", "ratios", "agreement", "setup", "machine", "model"))
+    lines = [
+        "# Performance: exact patching and attribution patching",
+        "",
+        f"Generated by `{results['command']}` on {results['started_at']} (took {results['duration_s']:.0f} s). Do not edit by hand.",
+        "",
+        f"Machine: {mach['platform']}, {mach['affinity_cores']} cores available, torch {mach['torch']} with "
+        f"{mach['torch_threads']} threads, transformer_lens {mach['transformer_lens']}, Python {mach['python']}. "
+        f"Load average before/after: {mach['load_average_before'][0]:.2f} / {mach['load_average_after'][0]:.2f}.",
+        "",
+        f"Model: `{mdl['path']}` ({mdl['n_layers']} layers, {mdl['n_heads']} heads, d_model {mdl['d_model']}, "
+        f"{mdl['n_params']:,} parameters). Prompts: {s['n_prompts']} IOI prompts of {s['n_positions']} tokens (seed {s['seed']}). "
+        f"Sweep: every head x position ({s['n_components']} components), clean/corrupt patching, {s['direction']}. "
+        f"Times: median of {s['repeats']} runs after {s['warmup']} warm-up (fewer for the slow loops, see JSON).",
+        "",
+        "| what | wall time (median) | notes |",
+        "|---|---:|---|",
+    ]
+    rows = [
+        ("floor_frozen", "cost floor: 2 forward + 1 backward, parameters frozen", "bare model, no lens hooks; backward from the metric to the embedding output only"),
+        ("floor_full", "2 forward + 1 backward, trainable parameters", "backward also computes every weight gradient"),
+        ("attribution_ours", "attribution, ours (head x position)", "hooks on the 4 `hook_z` points only"),
+        ("attribution_ours_all_families", "attribution, ours (all 7 families at once)", "same 2F+1B, more hook points"),
+        ("attribution_transformer_lens", "attribution, `transformer_lens.tools.analysis.attribution_patching`", "node granularity, one call per prompt pair"),
+        ("exact_ours", "exact sweep, ours (prefix engine)", "starts each variant at the patched layer and position"),
+        ("exact_ours_stacked", "exact sweep, ours (bridge forward, variants stacked)", "full forwards, many variants per pass"),
+        ("exact_ours_loop", "exact sweep, one component at a time", "one bridge forward per component"),
+        ("exact_transformer_lens", "exact sweep, `transformer_lens.patching.get_act_patch_attn_head_out_by_pos`", "inside `torch.no_grad()`"),
+    ]
+    for key, label, note in rows:
+        timing = t[key]
+        value = _seconds(timing["median_s"]) if timing["available"] else f"not available: {timing['reason']}"
+        lines.append(f"| {label} | {value} | {note} |")
+    lines += [
+        "",
+        "| ratio | value |",
+        "|---|---:|",
+        f"| attribution / floor (frozen) | {_ratio(r['attribution_over_floor_frozen'])} |",
+        f"| attribution / floor (trainable parameters) | {_ratio(r['attribution_over_floor_full'])} |",
+        f"| attribution, all families / floor (frozen) | {_ratio(r['attribution_all_families_over_floor_frozen'])} |",
+        f"| exact (ours) / exact (TransformerLens) | {_ratio(r['exact_ours_over_transformer_lens'])} |",
+        f"| exact (TransformerLens) / exact (ours) | {_ratio(r['transformer_lens_over_exact_ours'])} |",
+        f"| exact (ours) / attribution (ours): what attribution saves | {_ratio(r['exact_over_attribution'])} |",
+        f"| one-at-a-time loop / exact (ours) | {_ratio(r['loop_over_exact_ours'])} |",
+        "",
+        "| agreement | max abs difference |",
+        "|---|---:|",
+    ]
+    for key, value in a.items():
+        lines.append(f"| {key.replace('_', ' ')} | {value:.2e} |")
+    if results["families"]:
+        lines += [
+            "",
+            "Every family, clean/corrupt patching (denoising), exact sweep ours vs `transformer_lens.patching`:",
+            "",
+            "| family | components | exact, ours | exact, TransformerLens | speed-up | max abs diff | attribution, ours | TransformerLens function |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in results["families"]:
+            diff = "n/a" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
+            lines.append(
+                f"| {row['family']} | {row['components']} | {_seconds(row['exact_ours_s'])} | {_seconds(row['exact_transformer_lens_s'])} | "
+                f"{_ratio(row['speedup'])} | {diff} | {_seconds(row['attribution_ours_s'])} | {row['transformer_lens_function']} |"
+            )
+    lines += ["", "Scaling (head x position; medians):", "", "| prompts | exact, ours | exact, TransformerLens | attribution, ours | floor |", "|---:|---:|---:|---:|---:|"]
+    for row in results["scaling"]["prompts"]:
+        lines.append(
+            f"| {row['n_prompts']} | {_seconds(row['exact_ours_s'])} | {_seconds(row['exact_transformer_lens_s'])} | "
+            f"{_seconds(row['attribution_ours_s'])} | {_seconds(row['floor_frozen_s'])} |"
+        )
+    lines += ["", "| positions swept | components | exact, ours | exact, one at a time | attribution, ours |", "|---:|---:|---:|---:|---:|"]
+    for row in results["scaling"]["positions"]:
+        lines.append(
+            f"| {row['n_positions_swept']} | {row['n_components']} | {_seconds(row['exact_ours_s'])} | "
+            f"{_seconds(row['exact_ours_loop_s'])} | {_seconds(row['attribution_ours_s'])} |"
+        )
+    lines += ["", f"Peak memory (RSS of the whole benchmark process): {results['peak_rss_mb']:.0f} MB.", "", "Targets:", ""]
+    for target in results["targets"]:
+        value = "n/a" if target["value"] is None else f"{target['value']:.3g}"
+        lines.append(f"- {'met' if target['met'] else 'NOT met'}: {target['name']} (measured {value})")
+    lines += ["", NOTES]
+    return "\n".join(lines) + "\n"
+
+
+NOTES = """Notes.
+
+- Sign and scale conventions. Ours: `(a' - a) · ∂M/∂a`, with `a` and the gradient
+  taken on the base run and `M` the logit difference averaged over the batch.
+  Denoising runs the corrupted prompts and patches in the clean activations, so
+  ours is `(a_clean - a_corrupt) · ∂M/∂a |corrupt`, which is exactly
+  TransformerLens's `attribution_patch` node score (it also takes the gradient on
+  the corrupt run and points toward the clean activation). It scores each prompt
+  pair separately and averages; ours differentiates the batch mean, whose
+  gradient with respect to prompt `i`'s activation is `1/n ∂M_i/∂a_i`, so the
+  two agree without any sign flip or rescaling. Its `metric_fn` gets one
+  example's logits and no index, so the benchmark calls it once per pair with
+  that pair's metric. TransformerLens has no noising form or zero/mean baseline
+  for attribution; ours for noising is a different estimate (gradient at the
+  clean run), not a sign flip of denoising.
+- `transformer_lens.patching.get_act_patch_*` return `M(patched)`; ours return
+  `M(patched) - M(base)`, so the comparison subtracts `M(corrupted)` from theirs.
+  Their axis order for head x position is `[layer, pos, head]`; ours `[layer, head, pos]`.
+- Both TransformerLens tools work with the TransformerBridge in compatibility
+  mode. Exact times include caching the source activations (one forward) for both.
+- The prefix engine is exact: it reruns the model from the patched layer, reusing
+  the base run only where the patch cannot reach (earlier layers; earlier
+  positions, by causal masking). It is a functional GPT-2 forward over the
+  bridge's own (processed) weights, checked against the bridge's logits and hook
+  activations on every call; other architectures use the stacked bridge engine.
+- Our attribution's backward stops at the earliest hooked activation
+  (`blocks.0.attn.hook_z` for heads); the frozen floor's goes back to the
+  embedding output, so it does slightly more backward work than ours.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m attribution_course.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model directory or hub id (default: the shipped model)")
+    parser.add_argument("--prompts", type=int, default=32, help="number of IOI prompts (default 32)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--out", default=str(DEFAULT_OUTPUT_DIR), help="output directory (default bench-output)")
+    parser.add_argument("--markdown", default=None, help="also write the markdown table here (e.g. docs/performance.md)")
+    parser.add_argument("--quick", action="store_true", help="small scaling grid and no per-family table (for smoke tests)")
+    args = parser.parse_args(argv)
+    if args.prompts < 1 or args.repeats < 1:
+        parser.error("--prompts and --repeats must be at least 1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching draws a progress bar per sweep
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    command = "python -m attribution_course.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    kwargs = dict(scaling_prompts=(2, 4), scaling_positions=(1, 15), families=False) if args.quick else {}
+    results = run_benchmark(args.model, n_prompts=args.prompts, repeats=args.repeats, seed=args.seed, command=command.strip(), **kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    report = markdown_report(results)
+    (out / "bench.md").write_text(report)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(report)
+    print(report)
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}" + (f" and {args.markdown}" if args.markdown else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
