@@ -22,9 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 # Builds the HTML book into book/_build/html, executing every chapter (strict: warnings fail).
+# --all: rebuild every page, so no chapter keeps outputs from an older model or package.
 book: $(STAMP)
 	$(BIN)/python -m attribution_course.exercises sync-book
-	$(BIN)/jupyter-book build -W -n --keep-going book
+	$(BIN)/jupyter-book build --all -W -n --keep-going book
 
 test: book
 	$(BIN)/python -m pytest

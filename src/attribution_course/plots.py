@@ -237,8 +237,46 @@ def exact_vs_estimate(
                 hovertemplate="%{text}<br>exact %{x:.4f}<br>" + series + " %{y:.4f}<extra></extra>",
             )
         )
-    low = float(min(v.min() for v in everything))
-    high = float(max(v.max() for v in everything))
+    _add_diagonal(fig, everything, x_title=x_title, y_title=y_title)
+    fig.update_layout(title=title)
+    return fig
+
+
+def exact_vs_estimate_by_series(
+    series: dict[str, tuple[object, object, object]],
+    *,
+    title: str,
+    x_title: str = "exact effect",
+    y_title: str = "first-order estimate",
+) -> go.Figure:
+    """Like :func:`exact_vs_estimate`, but each series has its own exact values.
+
+    ``series`` maps a name (e.g. a baseline) to ``(exact, estimate, labels)``.
+    """
+    fig = go.Figure()
+    everything = []
+    for k, (name, (exact, estimate, labels)) in enumerate(series.items()):
+        x, y = _numpy(exact).ravel(), _numpy(estimate).ravel()
+        names = np.asarray(labels, dtype=object).ravel()
+        if not (x.shape == y.shape == names.shape):
+            raise ValueError(f"series {name!r}: {x.size} exact values, {y.size} estimates, {names.size} labels")
+        everything += [x, y]
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=y, mode="markers", name=name, text=names,
+                marker=dict(symbol=SYMBOLS[k % len(SYMBOLS)], size=9, color=COLOURS[k % len(COLOURS)], line=dict(width=1)),
+                hovertemplate="%{text}<br>exact %{x:.4f}<br>estimate %{y:.4f}<extra>" + name + "</extra>",
+            )
+        )
+    _add_diagonal(fig, everything, x_title=x_title, y_title=y_title)
+    fig.update_layout(title=title)
+    return fig
+
+
+def _add_diagonal(fig: go.Figure, arrays: list[np.ndarray], *, x_title: str, y_title: str) -> None:
+    """The dashed y = x line, and equal square axes covering every point."""
+    low = float(min(v.min() for v in arrays))
+    high = float(max(v.max() for v in arrays))
     pad = 0.05 * (high - low or 1.0)
     low, high = low - pad, high + pad
     fig.add_trace(
@@ -248,13 +286,11 @@ def exact_vs_estimate(
         )
     )
     fig.update_layout(
-        title=title,
         xaxis=dict(title=x_title, range=[low, high], zeroline=True),
         yaxis=dict(title=y_title, range=[low, high], zeroline=True, scaleanchor="x", scaleratio=1),
         height=520,
         legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
     )
-    return fig
 
 
 def bar(values, *, labels: Sequence[str], title: str, y_title: str = "", series_name: str = "") -> go.Figure:

@@ -1,0 +1,134 @@
+"""The built book (book/_build/html, made by `make book`) is complete, error-free and offline.
+
+`make test` builds the book first; run `make book` before running these alone.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+from bs4 import BeautifulSoup
+
+BOOK = Path(__file__).resolve().parents[1] / "book"
+HTML = BOOK / "_build" / "html"
+
+CHAPTERS = [
+    "01_introduction", "02_task_and_metric", "03_exact_ablation", "04_activation_patching",
+    "05_first_order_approximation", "06_getting_the_sign_right", "07_mean_ablation_and_baselines",
+    "08_when_the_approximation_fails", "09_cost",
+]
+OTHER_PAGES = ["index", "reference", "bibliography"]
+APPENDIX = [f"appendix/{c}" for c in CHAPTERS[1:8]]
+#: Chapters whose teaching relies on figures.
+CHAPTERS_WITH_FIGURES = CHAPTERS[1:]
+#: Hosts that serve scripts or styles from outside the site.
+CDN_PATTERN = re.compile(r"cdn\.|unpkg\.com|jsdelivr|cdnjs|googleapis|gstatic|mathjax\.org|plot\.ly/|polyfill\.io", re.I)
+NEW_PLOT = re.compile(r'Plotly\.newPlot\(\s*"([^"]+)",\s*(\[.*?\])\s*,\s*\{', re.S)
+
+
+def pages() -> list[Path]:
+    return sorted(p for p in HTML.rglob("*.html") if "_static" not in p.parts)
+
+
+def soup(path: Path) -> BeautifulSoup:
+    return BeautifulSoup(path.read_text(encoding="utf-8"), "html.parser")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built_book():
+    if not (HTML / "index.html").is_file():
+        pytest.fail(f"{HTML} has no index.html: build the book with `make book` first")
+
+
+@pytest.mark.parametrize("page", CHAPTERS + OTHER_PAGES + APPENDIX)
+def test_page_exists(page):
+    assert (HTML / f"{page}.html").is_file(), f"{page}.html is missing from {HTML}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_is_numbered_and_titled(chapter):
+    title = soup(HTML / f"{chapter}.html").find("h1")
+    number = CHAPTERS.index(chapter) + 1
+    assert title is not None and title.get_text().startswith(f"{number}."), f"{chapter}: heading {title}"
+
+
+def test_no_cell_output_contains_a_traceback():
+    bad = []
+    for page in pages():
+        for output in soup(page).select("div.cell_output, div.output"):
+            text = output.get_text()
+            if "Traceback" in text or "traceback" in " ".join(output.get("class", [])) or re.search(r"\w+Error:", text):
+                bad.append(f"{page.relative_to(HTML)}: {text[:200]!r}")
+    assert not bad, "cell outputs with errors:\n" + "\n".join(bad)
+
+
+def figures(page: Path) -> dict[str, str]:
+    """Figure div id -> the JSON list of traces passed to Plotly.newPlot on ``page``."""
+    return dict(NEW_PLOT.findall(page.read_text(encoding="utf-8")))
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS_WITH_FIGURES)
+def test_chapter_has_figures(chapter):
+    assert figures(HTML / f"{chapter}.html"), f"{chapter} has no plotly figure"
+
+
+def test_every_figure_has_its_data_and_the_page_loads_plotly_locally():
+    checked = 0
+    for page in pages():
+        html = soup(page)
+        divs = html.select("div.plotly-graph-div")
+        if not divs:
+            continue
+        plots = figures(page)
+        for div in divs:
+            traces = plots.get(div["id"])
+            assert traces is not None, f"{page.relative_to(HTML)}: figure {div['id']} has no Plotly.newPlot call"
+            assert re.search(r'"(x|y|z)":\s*\[', traces), f"{page.relative_to(HTML)}: figure {div['id']} has no data"
+            checked += 1
+        sources = [s.get("src", "") for s in html.find_all("script")]
+        assert any(src.split("?")[0].endswith("_static/plotly.min.js") for src in sources), (
+            f"{page.relative_to(HTML)} shows figures but does not load _static/plotly.min.js")
+    assert checked > 0, "no figure found in the whole book"
+    assert (HTML / "_static" / "plotly.min.js").stat().st_size > 1_000_000
+
+
+def test_pages_with_maths_load_mathjax_from_the_site():
+    script = HTML / "_static" / "mathjax" / "tex-svg-full.js"
+    assert script.is_file()
+    page = soup(HTML / "05_first_order_approximation.html")
+    assert page.select(".math"), "chapter 5 should contain maths"
+    assert any("_static/mathjax/tex-svg-full.js" in s.get("src", "") for s in page.find_all("script"))
+
+
+def test_no_page_references_a_cdn_or_external_script():
+    bad = []
+    for page in pages():
+        html = soup(page)
+        for script in html.find_all("script"):
+            src = script.get("src")
+            if src and re.match(r"^(https?:)?//", src):
+                bad.append(f"{page.relative_to(HTML)}: script src {src}")
+            if not src and CDN_PATTERN.search(script.get_text()):
+                bad.append(f"{page.relative_to(HTML)}: inline script mentions {CDN_PATTERN.search(script.get_text())[0]}")
+        for link in html.find_all("link"):
+            href = link.get("href", "")
+            if {"stylesheet", "preload", "modulepreload"} & set(link.get("rel", [])) and re.match(r"^(https?:)?//", href):
+                bad.append(f"{page.relative_to(HTML)}: <link> {href}")
+        for tag in html.find_all(["img", "iframe"]):
+            if re.match(r"^(https?:)?//", tag.get("src", "")):
+                bad.append(f"{page.relative_to(HTML)}: <{tag.name}> {tag['src']}")
+    assert not bad, "external resources:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS[1:8])
+def test_chapters_2_to_8_end_with_exercises_links(chapter):
+    html = soup(HTML / f"{chapter}.html")
+    links = [a.get("href", "") for a in html.find_all("a")]
+    assert any(h.endswith(f"{chapter}.ipynb") for h in links), f"{chapter}: no download link to its exercises"
+    assert any(f"appendix/{chapter}.html" in h for h in links), f"{chapter}: no link to its appendix solutions"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_ends_with_takeaways(chapter):
+    headings = [h.get_text() for h in soup(HTML / f"{chapter}.html").find_all("h2")]
+    assert any("Takeaways" in h for h in headings), f"{chapter}: no Takeaways section"

@@ -1,0 +1,80 @@
+"""Chapter 6's claims about the sign of the zero-ablation estimate, checked on the shipped model.
+
+The chapter (book/06_getting_the_sign_right.md) asserts the same claims while the
+book is built; these tests keep them true when the book is not rebuilt, and use
+the chapter's own prompts (32 held-out prompts, seed 0) so prose and tests agree.
+"""
+
+import pytest
+import torch
+
+from attribution_course import patching
+from attribution_course.metrics import logit_diff, pearson, spearman
+from attribution_course.prompts import make_ioi_prompts
+
+CHAPTER_PROMPTS = dict(n_prompts=32, split="test", seed=0)
+
+
+@pytest.fixture(scope="module")
+def chapter6(model):
+    prompts = make_ioi_prompts(model, **CHAPTER_PROMPTS)
+    clean = prompts.clean_tokens
+    metric = lambda logits: logit_diff(logits, prompts)  # noqa: E731
+    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=clean)
+    exact = patching.exact_sweep(model, clean, metric, zeros, "head")
+    names = patching.hook_names(model, "head")
+    _, acts, grads = patching.cache_activations_and_gradients(model, clean, metric, names)
+    a_dot_grad = torch.stack([(acts[n] * grads[n]).sum(dim=(0, 1, 3)) for n in names])
+    return dict(model=model, prompts=prompts, metric=metric, zeros=zeros, exact=exact,
+                right=-a_dot_grad, wrong=+a_dot_grad)
+
+
+def sign_claim_violations(exact, right, wrong) -> list[str]:
+    """The chapter's claims, as a list of the ones that do not hold (empty = all hold)."""
+    problems = []
+    if not pearson(exact, right) > 0.5:
+        problems.append(f"right sign does not correlate with exact zero ablation (r = {pearson(exact, right):.3f})")
+    if not pearson(exact, wrong) < -0.5:
+        problems.append(f"wrong sign does not anti-correlate with exact zero ablation (r = {pearson(exact, wrong):.3f})")
+    helps = exact > 0.01 * exact.abs().max()
+    if helps.any():
+        if not (torch.sign(wrong[helps]) < 0).all():
+            problems.append("the wrong sign does not report every head whose removal helps as supporting the behaviour")
+        if not (torch.sign(right[helps]) > 0).float().mean() > 0.5:
+            problems.append("the right sign gets the direction wrong for most heads whose removal helps")
+    return problems
+
+
+def test_right_sign_correlates_and_wrong_sign_anticorrelates(chapter6):
+    assert sign_claim_violations(chapter6["exact"], chapter6["right"], chapter6["wrong"]) == []
+
+
+def test_the_claim_check_fails_when_the_signs_are_swapped(chapter6):
+    """The check above can fail: hand it the wrong sign as if it were the right one."""
+    assert sign_claim_violations(chapter6["exact"], chapter6["wrong"], chapter6["right"]) != []
+
+
+def test_right_sign_is_what_the_package_computes_for_zero_ablation(chapter6):
+    c = chapter6
+    package = patching.attribution_sweep(c["model"], c["prompts"].clean_tokens, c["metric"], c["zeros"], "head")
+    torch.testing.assert_close(package, c["right"])
+
+
+def test_the_shipped_model_has_a_head_whose_removal_helps(chapter6):
+    """Chapter 6 shows one; if retraining removes it, the chapter's text switches branch, but say so here."""
+    exact = chapter6["exact"]
+    assert (exact > 0.01 * exact.abs().max()).any(), f"no head raises the logit difference when removed: {exact}"
+
+
+def test_magnitude_ranking_cannot_see_the_sign(chapter6):
+    c = chapter6
+    assert spearman(c["exact"].abs(), c["right"].abs()) == spearman(c["exact"].abs(), c["wrong"].abs())
+
+
+def test_pattern_attribution_equals_head_zero_ablation_estimate(chapter6):
+    """-A.dM/dA = -z.dM/dz, because a head's output is linear in its attention pattern."""
+    c = chapter6
+    clean = c["prompts"].clean_tokens
+    zero_patterns = patching.replacement_activations(c["model"], "pattern", kind="zero", base_tokens=clean)
+    pattern = patching.attribution_sweep(c["model"], clean, c["metric"], zero_patterns, "pattern")
+    torch.testing.assert_close(pattern, c["right"], atol=1e-4, rtol=1e-4)
