@@ -118,6 +118,19 @@ def test_our_exact_sweep_equals_transformer_lens_patching(model, prompts, metric
     assert_close(ours, to_ours(theirs) - base_value, atol=1e-4, rtol=0)
 
 
+def test_the_prefix_engine_finds_the_positions_the_metric_reads_and_checks_them(model, prompts, metric, replacements, loop_sweeps):
+    with torch.no_grad():
+        logits = model(prompts.clean_tokens)
+    assert patching.positions_read_by(metric, logits) == [prompts.end_position]
+    reads_everything = lambda logits: logits.mean()  # noqa: E731
+    assert patching.positions_read_by(reads_everything, logits) == list(range(logits.shape[1]))
+    reps = replacements("mlp_pos", "patch")
+    with pytest.raises(RuntimeError, match="pass metric_positions=None"):
+        patching.exact_sweep(model, prompts.clean_tokens, reads_everything, reps, "mlp_pos", metric_positions=[14])
+    everywhere = patching.exact_sweep(model, prompts.clean_tokens, metric, reps, "mlp_pos", engine="prefix", metric_positions=None)
+    assert_close(everywhere, loop_sweeps("mlp_pos", "patch"), **TIGHT)
+
+
 def test_prefix_engine_refuses_a_model_it_does_not_reproduce(model, prompts, monkeypatch):
     assert patching.functional_engine_problem(model, prompts.clean_tokens, "head_pos") is None
     monkeypatch.setattr(model.cfg, "act_fn", "relu")

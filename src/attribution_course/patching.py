@@ -335,42 +335,61 @@ def _replace_components(
     source: torch.Tensor,
     family: Family,
     components: torch.Tensor,
-    first_position: int = 0,
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Copy, in variant ``k`` of ``stacked``, component ``components[k]`` from ``source``.
 
     ``stacked`` is ``[n_variants * batch, *axes]`` (variant-major), ``source`` is
     ``[batch, *axes]`` and ``components`` is ``[n_variants, len(component_axes)]``
-    (no layer column). Position-like axes (``pos``, ``query``) of both tensors
-    start at ``first_position``. One ``torch.where`` with a boolean mask does
-    every variant at once; the values copied are exactly the loop's.
+    (no layer column). ``positions`` (default: all) are the absolute positions
+    held along ``stacked``'s ``pos``/``query`` axis, when it holds only some; a
+    component at a position not held is not there to replace. One
+    ``torch.where`` with a boolean mask does every variant at once; the values
+    copied are exactly the loop's.
     """
     n_variants = components.shape[0]
     batch = source.shape[0]
+    position_axis = next((1 + i for i, a in enumerate(family.axes) if a in ("pos", "query")), None)
+    if positions is not None and position_axis is not None:
+        source = source.index_select(position_axis, positions)
     sizes = stacked.shape[1:]
-    mask_shape = [n_variants] + [
-        sizes[i] if axis in family.component_axes else 1 for i, axis in enumerate(family.axes)
-    ]
+    mask_shape = [n_variants] + [sizes[i] if axis in family.component_axes else 1 for i, axis in enumerate(family.axes)]
     mask = torch.zeros(mask_shape, dtype=torch.bool)
     index: list[torch.Tensor] = [torch.arange(n_variants)]
-    for i, axis in enumerate(family.axes):
-        if axis in family.component_axes:
-            column = components[:, family.component_axes.index(axis)]
-            index.append(column - first_position if axis == "pos" else column)
-        else:
+    held = torch.ones(n_variants, dtype=torch.bool)
+    for axis in family.axes:
+        if axis not in family.component_axes:
             index.append(torch.zeros(n_variants, dtype=torch.long))
-    mask[tuple(index)] = True
+            continue
+        column = components[:, family.component_axes.index(axis)]
+        if axis == "pos" and positions is not None:
+            matches = column.unsqueeze(1) == positions.unsqueeze(0)  # [n_variants, n_held]
+            held &= matches.any(1)
+            column = matches.long().argmax(1)
+        index.append(column)
+    mask[tuple(i[held] for i in index)] = True
     by_variant = stacked.reshape(n_variants, batch, *sizes)
     patched = torch.where(mask.unsqueeze(1), source.to(stacked.dtype).unsqueeze(0), by_variant)
     return patched.reshape(stacked.shape)
 
 
-def _suffix(family: Family, activation: torch.Tensor, first_position: int) -> torch.Tensor:
-    """``activation[batch, *axes]`` restricted to positions ``first_position`` onwards."""
-    axis = next((a for a in ("pos", "query") if a in family.axes), None)
-    if axis is None or first_position == 0:
-        return activation
-    return activation.narrow(1 + family.axes.index(axis), first_position, activation.shape[1 + family.axes.index(axis)] - first_position)
+def positions_read_by(metric: Metric, logits: torch.Tensor) -> list[int] | None:
+    """The positions whose logits ``metric`` reads, or ``None`` if that cannot be told.
+
+    Position ``t`` counts as unread when setting every logit there to NaN leaves
+    the metric's value unchanged (a metric that reads a NaN returns NaN).
+    """
+    reference = metric(logits)
+    if not torch.isfinite(reference).all():
+        return None
+    read = []
+    for t in range(logits.shape[1]):
+        probe = logits.clone()
+        probe[:, t] = float("nan")
+        value = metric(probe)
+        if not torch.equal(value, reference):
+            read.append(t)
+    return read or None
 
 
 def _rows_per_pass(model, n_positions: int, memory_budget_bytes: int) -> int:
@@ -404,6 +423,7 @@ def exact_sweep(
     positions: Sequence[int] | None = None,
     engine: Engine = "auto",
     memory_budget_bytes: int = DEFAULT_PASS_MEMORY,
+    metric_positions: Sequence[int] | Literal["auto"] | None = "auto",
 ) -> torch.Tensor:
     """Exact effect of replacing each component of ``family`` in turn.
 
@@ -425,6 +445,10 @@ def exact_sweep(
       layer and a first position run stacked in one pass. It checks itself
       against the bridge's logits and hook activations on the base run and is
       used only if they agree.
+      The last block then runs only at the positions whose logits the metric
+      reads (``metric_positions``; ``"auto"`` finds them with
+      :func:`positions_read_by`, ``None`` means all), since the last block's
+      output elsewhere cannot reach the metric.
     * ``"auto"``: ``"loop"`` if ``variants_per_pass == 1`` (so old calls keep
       meaning the plain loop), else ``"prefix"`` when it applies, else ``"stacked"``.
 
@@ -443,13 +467,15 @@ def exact_sweep(
     batch, n_positions = base_tokens.shape
     if variants_per_pass is None:
         variants_per_pass = max(1, _rows_per_pass(model, n_positions, memory_budget_bytes) // batch)
+    runner = None
     if engine == "auto":
         if variants_per_pass == 1:
             engine = "loop"
         else:
-            engine = "prefix" if functional_engine_problem(model, base_tokens, fam, replacements) is None else "stacked"
+            runner, _ = _verified_prefix_runner(model, base_tokens, fam, replacements)
+            engine = "prefix" if runner is not None else "stacked"
     elif engine == "prefix":
-        problem = functional_engine_problem(model, base_tokens, fam, replacements)
+        runner, problem = _verified_prefix_runner(model, base_tokens, fam, replacements)
         if problem is not None:
             raise ValueError(f"engine='prefix' cannot run this model: {problem}")
     if engine == "loop":
@@ -470,15 +496,15 @@ def exact_sweep(
     ]
     with torch.no_grad():
         if engine == "prefix":
-            runner = _PrefixRunner(model, base_tokens, fam, replacements)
             base_logits = runner.base_logits
         else:
             base_logits = model(base_tokens)
         base_value = metric(base_logits).item()
+        read_positions = positions_read_by(metric, base_logits) if metric_positions == "auto" else metric_positions
         for layer, first, members in tqdm(chunks, disable=not progress, desc=f"exact {fam.name}"):
             chunk_components = components[members][:, 1:]
             if engine == "prefix":
-                logits = runner.run(layer, first, chunk_components)
+                logits = runner.run(layer, first, chunk_components, read_positions)
             else:
                 name = fam.hook_name(layer)
 
@@ -489,6 +515,11 @@ def exact_sweep(
                 logits = model.run_with_hooks(stacked_tokens, fwd_hooks=[(name, replace)])
             for k, row in enumerate(members):
                 value = metric(logits[k * batch : (k + 1) * batch]).item()
+                if math.isnan(value) and not math.isnan(base_value):
+                    raise RuntimeError(
+                        f"the metric read logits at positions other than metric_positions={read_positions}; "
+                        "pass metric_positions=None"
+                    )
                 effects[tuple(components[row].tolist())] = value - base_value
     return effects
 
@@ -544,18 +575,22 @@ class GPT2Weights:
             raise ValueError(f"the prefix engine needs the tanh GELU, the model uses {cfg.act_fn!r}")
         with torch.no_grad():
             heads_last = lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1)  # [head, d_model, d_head] -> [d_model, head*d_head]
+            # each W_* property stacks every layer, so read each once
+            W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
+            b_Q, b_K, b_V, b_O = model.b_Q, model.b_K, model.b_V, model.b_O
+            W_in, b_in, W_out, b_out = model.W_in, model.b_in, model.W_out, model.b_out
             blocks = []
             for layer in range(cfg.n_layers):
                 ln_1, ln_2 = _unwrap(model.blocks[layer].ln1), _unwrap(model.blocks[layer].ln2)
                 blocks.append(
                     {
                         "ln_1_w": ln_1.weight, "ln_1_b": ln_1.bias,
-                        "qkv_w": torch.cat([heads_last(model.W_Q[layer]), heads_last(model.W_K[layer]), heads_last(model.W_V[layer])], 1),
-                        "qkv_b": torch.cat([model.b_Q[layer].flatten(), model.b_K[layer].flatten(), model.b_V[layer].flatten()]),
-                        "out_w": model.W_O[layer].reshape(-1, cfg.d_model), "out_b": model.b_O[layer],
+                        "qkv_w": torch.cat([heads_last(W_Q[layer]), heads_last(W_K[layer]), heads_last(W_V[layer])], 1),
+                        "qkv_b": torch.cat([b_Q[layer].flatten(), b_K[layer].flatten(), b_V[layer].flatten()]),
+                        "out_w": W_O[layer].reshape(-1, cfg.d_model), "out_b": b_O[layer],
                         "ln_2_w": ln_2.weight, "ln_2_b": ln_2.bias,
-                        "in_w": model.W_in[layer], "in_b": model.b_in[layer],
-                        "mlp_out_w": model.W_out[layer], "mlp_out_b": model.b_out[layer],
+                        "in_w": W_in[layer], "in_b": b_in[layer],
+                        "mlp_out_w": W_out[layer], "mlp_out_b": b_out[layer],
                     }
                 )
             ln_f = _unwrap(model.ln_final)
@@ -610,37 +645,46 @@ class _PrefixRunner:
         rows, pos, d_model = x.shape
         return x.view(rows, pos, self.weights.n_heads, d_model // self.weights.n_heads).transpose(1, 2)
 
-    def _block(self, layer, resid, first, keys_before, values_before, patch=None):
-        """One block on positions ``first..``; ``patch(site, act)`` may replace an activation."""
+    def _block(self, layer, resid, positions, keys_before, values_before, patch=None, queries=None):
+        """One block on the residual stream at ``positions`` (absolute, contiguous up to the end).
+
+        ``keys_before``/``values_before`` hold earlier positions' keys and values.
+        ``queries`` (indices into ``positions``) limits what the block outputs to
+        those positions (their keys and values are still computed for all).
+        ``patch(site, act, positions_of_act)`` may replace an activation.
+        """
         w = self.weights.blocks[layer]
         if patch is not None:
-            resid = patch("resid_pre", resid)
+            resid = patch("resid_pre", resid, positions)
         qkv = torch.addmm(w["qkv_b"], self._norm(resid, w["ln_1_w"], w["ln_1_b"]).flatten(0, 1), w["qkv_w"])
         q, k, v = qkv.view(resid.shape[0], resid.shape[1], -1).split(resid.shape[-1], dim=-1)
+        out_positions = positions
+        if queries is not None:
+            q, resid, out_positions = q[:, queries], resid[:, queries], positions[queries]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
         if keys_before is not None:
             k = torch.cat([keys_before, k], dim=2)
             v = torch.cat([values_before, v], dim=2)
         scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        query_pos = torch.arange(first, first + q.shape[2]).unsqueeze(1)
-        key_pos = torch.arange(k.shape[2]).unsqueeze(0)
-        scores = scores.masked_fill(key_pos > query_pos, float("-inf"))
+        key_positions = torch.arange(k.shape[2])
+        scores = scores.masked_fill(key_positions.unsqueeze(0) > out_positions.unsqueeze(1), float("-inf"))
         pattern = scores.softmax(-1)
         if patch is not None:
-            pattern = patch("pattern", pattern)
+            pattern = patch("pattern", pattern, out_positions)
         z = (pattern @ v).transpose(1, 2)  # [rows, pos, head, d_head]
         if patch is not None:
-            z = patch("z", z)
+            z = patch("z", z, out_positions)
         attn_out = torch.addmm(w["out_b"], z.flatten(2).flatten(0, 1), w["out_w"]).view_as(resid)
         if patch is not None:
-            attn_out = patch("attn_out", attn_out)
+            attn_out = patch("attn_out", attn_out, out_positions)
         resid_mid = resid + attn_out
         hidden = torch.addmm(w["in_b"], self._norm(resid_mid, w["ln_2_w"], w["ln_2_b"]).flatten(0, 1), w["in_w"])
         hidden = torch.nn.functional.gelu(hidden, approximate="tanh")
         mlp_out = torch.addmm(w["mlp_out_b"], hidden, w["mlp_out_w"]).view_as(resid)
         if patch is not None:
-            mlp_out = patch("mlp_out", mlp_out)
-        return resid_mid + mlp_out, k, v, {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out}
+            mlp_out = patch("mlp_out", mlp_out, out_positions)
+        sites = {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out}
+        return resid_mid + mlp_out, k, v, sites
 
     def _unembed(self, resid):
         normed = self._norm(resid, *self.weights.final_norm)
@@ -652,26 +696,43 @@ class _PrefixRunner:
         resid = self.weights.token_embedding[tokens] + self.weights.position_embedding[positions]
         for layer in range(len(self.weights.blocks)):
             self.base_resid.append(resid)
-            resid, k, v, sites = self._block(layer, resid, 0, None, None)
+            resid, k, v, sites = self._block(layer, resid, positions, None, None)
             self.base_keys.append(k)
             self.base_values.append(v)
             self.base_activations[self.family.hook_name(layer)] = sites[self.site]
         return self._unembed(resid)
 
-    def run(self, layer: int, first: int, components: torch.Tensor) -> torch.Tensor:
-        """Logits ``[n_variants * batch, pos, vocab]`` of the variants patched at ``layer``."""
+    def run(self, layer: int, first: int, components: torch.Tensor, read_positions: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits ``[n_variants * batch, pos, vocab]`` of the variants patched at ``layer``.
+
+        Only positions ``first..`` are recomputed (earlier ones are the base
+        run's, exactly). With ``read_positions`` (the positions the metric
+        reads), the last block and the unembedding run only there and every
+        other recomputed position's logits are NaN, so a metric that reads
+        them anyway gives NaN instead of a wrong number.
+        """
         n_variants = components.shape[0]
+        n_layers = len(self.weights.blocks)
         repeat = lambda t: t.repeat(n_variants, *([1] * (t.ndim - 1)))  # noqa: E731
-        source = _suffix(self.family, self.replacements[self.family.hook_name(layer)], first)
+        source = self.replacements[self.family.hook_name(layer)]
 
-        def patch(site, act):
-            return _replace_components(act, source, self.family, components, first) if site == self.site else act
+        def patch(site, act, positions):
+            return _replace_components(act, source, self.family, components, positions) if site == self.site else act
 
+        positions = torch.arange(first, self.n_positions)
         resid = repeat(self.base_resid[layer][:, first:])
-        for current in range(layer, len(self.weights.blocks)):
+        queries = None
+        for current in range(layer, n_layers):
             before = (repeat(self.base_keys[current][:, :, :first]), repeat(self.base_values[current][:, :, :first])) if first else (None, None)
-            resid, _, _, _ = self._block(current, resid, first, *before, patch=patch if current == layer else None)
-        logits = self._unembed(resid)
+            if current == n_layers - 1 and read_positions is not None:
+                queries = torch.tensor([i for i, t in enumerate(positions.tolist()) if t in read_positions], dtype=torch.long)
+            resid, _, _, _ = self._block(current, resid, positions, *before, patch=patch if current == layer else None, queries=queries)
+        computed = self._unembed(resid)
+        if queries is None:
+            logits = computed
+        else:
+            logits = computed.new_full((computed.shape[0], len(positions), computed.shape[-1]), float("nan"))
+            logits[:, queries] = computed
         if first:
             logits = torch.cat([repeat(self.base_logits[:, :first]), logits], dim=1)
         return logits
@@ -688,28 +749,33 @@ def functional_engine_problem(model, base_tokens: Tokens, family: str | Family, 
     and the functional forward and compares the logits and the family's hook
     activations (max abs difference at most :data:`FUNCTIONAL_TOLERANCE`).
     """
-    fam = get_family(family)
+    return _verified_prefix_runner(model, base_tokens, get_family(family), replacements or {})[1]
+
+
+def _verified_prefix_runner(model, base_tokens: Tokens, fam: Family, replacements: Activations) -> tuple["_PrefixRunner | None", str | None]:
+    """A prefix runner for the base run and ``None``, or ``None`` and the reason it cannot be trusted."""
     if fam.hook not in _FUNCTIONAL_SITES:
-        return f"hook {fam.hook} has no place in the functional forward"
+        return None, f"hook {fam.hook} has no place in the functional forward"
     try:
-        runner = _PrefixRunner(model, base_tokens, fam, replacements or {})
+        with torch.no_grad():
+            runner = _PrefixRunner(model, base_tokens, fam, replacements)
     except (ValueError, AttributeError, TypeError) as err:
-        return str(err)
+        return None, str(err)
     names = hook_names(model, fam)
     bridge_activations: Activations = {}
     with torch.no_grad():
         bridge_logits = model.run_with_hooks(base_tokens, fwd_hooks=[(n, _saver(bridge_activations, n)) for n in names])
     if bridge_logits.shape != runner.base_logits.shape:
-        return f"logits shape {tuple(runner.base_logits.shape)} != bridge {tuple(bridge_logits.shape)}"
+        return None, f"logits shape {tuple(runner.base_logits.shape)} != bridge {tuple(bridge_logits.shape)}"
     worst = (bridge_logits - runner.base_logits).abs().max().item()
     for name in names:
         ours, theirs = runner.base_activations[name], bridge_activations[name]
         if ours.shape != theirs.shape:
-            return f"{name}: shape {tuple(ours.shape)} != bridge {tuple(theirs.shape)}"
+            return None, f"{name}: shape {tuple(ours.shape)} != bridge {tuple(theirs.shape)}"
         worst = max(worst, (ours - theirs).abs().max().item())
     if not worst <= FUNCTIONAL_TOLERANCE:
-        return f"functional forward differs from the bridge by {worst:.2e} (> {FUNCTIONAL_TOLERANCE})"
-    return None
+        return None, f"functional forward differs from the bridge by {worst:.2e} (> {FUNCTIONAL_TOLERANCE})"
+    return runner, None
 
 
 # ---------------------------------------------------------------- attribution
