@@ -52,8 +52,10 @@ grade: $(STAMP)
 	$(BIN)/python -m attribution_course.grade $(if $(BATCH),--batch "$(BATCH)" --csv "$(or $(CSV),grades.csv)","$(NB)")
 
 # ---- performance (issue 5)
+# Benchmark (a few minutes): writes bench-output/bench.json and bench.md and prints the table.
+# To refresh the committed copy: make bench BENCH_ARGS="--markdown docs/performance.md"
 bench: $(STAMP)
-	$(BIN)/python -m attribution_course.bench
+	$(BIN)/python -m attribution_course.bench $(BENCH_ARGS)
 
 # ---- the site in a real browser (issue 6)
 # Installs Debian's chromium + chromium-driver (apt-get; sudo when not root) and the Python driver if
