@@ -29,6 +29,7 @@ def _missing_requirement() -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     missing = _missing_requirement()
     required = os.environ.get("REQUIRE_BROWSER_TESTS") == "1"

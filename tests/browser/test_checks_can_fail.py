@@ -15,6 +15,8 @@ import pytest
 
 import browser_harness as harness
 
+pytestmark = pytest.mark.browser
+
 COURSE = "Synthetic Course"
 
 HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>{extra_head}
