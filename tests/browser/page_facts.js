@@ -30,14 +30,11 @@
       rendered: gd.classList.contains("js-plotly-plot"),
       hasSvg: !!svg,
       canvasCount: canvases.length,
-      box: figureBox,
       drawingWidth: drawingBox.width,
       drawingHeight: drawingBox.height,
       plotArea,
       traceTypes: data.map((t) => t.type || "scatter"),
-      traceModes: data.map((t) => t.mode || ""),
       textCount: gd.querySelectorAll("svg text").length,
-      title: textOf(gd.querySelector(".gtitle") || gd).slice(0, 80),
     };
   });
 
@@ -69,7 +66,6 @@
   return {
     url: location.href,
     title: document.title,
-    h1: textOf(document.querySelector("h1") || document.body).replace(/#$/, "").trim(),
     theme: document.documentElement.dataset.theme || "",
     plotlyLoaded: typeof window.Plotly === "object" && typeof window.Plotly.newPlot === "function",
     mathJaxVersion: (window.MathJax && window.MathJax.version) || "",
@@ -88,7 +84,6 @@
     downloadSourceButtons: links("a.btn-download-source-button"),
     launchButtons: links(".dropdown-launch-buttons a"),
     downloadRoleLinks: links("a.reference.download"),
-    scripts: [...document.scripts].map((s) => s.src).filter(Boolean),
     searchResults: links("#search-results ul.search li a, ul.search li > a"),
     searchSummary: textOf(document.querySelector("#search-results p.search-summary, #search-results > p") || document.createElement("p")),
   };
