@@ -40,7 +40,7 @@ JSON schema (``schema_version`` 1); every time is in seconds::
                   "load_average_after": [3 floats]},
       "model": {"path": str, "n_layers", "n_heads", "d_model", "d_vocab", "n_params"},
       "setup": {"n_prompts", "n_positions", "seed", "family", "direction", "kind",
-                "n_components", "repeats", "warmup"},
+                "n_components", "repeats", "slow_repeats", "warmup"},
       "timings": {name: {"median_s", "min_s", "max_s", "runs_s": [float],
                          "available": bool, "reason": str | null}},
       "ratios": {"attribution_over_floor_frozen", "attribution_over_floor_full",
@@ -49,7 +49,9 @@ JSON schema (``schema_version`` 1); every time is in seconds::
                  "exact_over_attribution", "loop_over_exact_ours"},
       "agreement": {"exact_ours_vs_transformer_lens_max_abs", "exact_ours_vs_loop_max_abs",
                     "attribution_ours_vs_transformer_lens_head_pos_max_abs",
-                    "attribution_ours_vs_transformer_lens_mlp_pos_max_abs", ...},
+                    "attribution_ours_vs_transformer_lens_mlp_pos_max_abs", "exact_stacked_vs_loop_max_abs",
+                    "exact_loop_vs_transformer_lens_max_abs"},
+      "scale": {"exact_head_pos_max_abs", "attribution_head_pos_max_abs"},
       "families": [{"family", "components", "exact_ours_s", "exact_transformer_lens_s",
                     "transformer_lens_function", "speedup", "max_abs_diff", "attribution_ours_s"}],
       "scaling": {"prompts": [{"n_prompts", "exact_ours_s", "exact_transformer_lens_s",
@@ -106,15 +108,21 @@ TARGETS = {
 # ---------------------------------------------------------------- timing
 
 
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
-    """Median, min and max wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
+def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, keep: dict | None = None) -> dict:
+    """Median, min and max wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs.
+
+    With ``keep``, the last run's return value is stored in ``keep["value"]``
+    (so agreement checks reuse a timed result instead of rerunning it).
+    """
     for _ in range(warmup):
         fn()
     runs = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        value = fn()
         runs.append(time.perf_counter() - start)
+    if keep is not None:
+        keep["value"] = value
     return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs), "runs_s": runs, "available": True, "reason": None}
 
 
@@ -154,9 +162,14 @@ def tl_exact(model, base_tokens, source_tokens, metric, family: str):
     from transformer_lens import patching as tl_patching
 
     function_name, _ = TL_EXACT[family]
-    with torch.no_grad():
-        _, source_cache = model.run_with_cache(source_tokens)
-        return getattr(tl_patching, function_name)(model, base_tokens, source_cache, metric)
+    draw_progress = tl_patching.tqdm
+    tl_patching.tqdm = lambda iterable, **kwargs: iterable  # its per-sweep progress bar would flood the log
+    try:
+        with torch.no_grad():
+            _, source_cache = model.run_with_cache(source_tokens)
+            return getattr(tl_patching, function_name)(model, base_tokens, source_cache, metric)
+    finally:
+        tl_patching.tqdm = draw_progress
 
 
 def tl_attribution(model, prompts, metric_for):
@@ -244,6 +257,7 @@ def run_benchmark(
             "kind": "patch",
             "n_components": int(torch.tensor(patching.effect_shape(model, family, n_positions)).prod()),
             "repeats": repeats,
+            "slow_repeats": max(1, repeats // 2),
             "warmup": 1,
         },
     }
@@ -263,40 +277,45 @@ def run_benchmark(
     all_families = list(patching.FAMILIES)
     timings["attribution_ours_all_families"] = time_call(lambda: attribution_ours(fams=all_families), repeats)
     log("floor and attribution timed")
-    timings["exact_ours"] = time_call(exact_ours, repeats)
-    timings["exact_ours_stacked"] = time_call(lambda: exact_ours(engine="stacked"), max(1, repeats // 2))
-    timings["exact_ours_loop"] = time_call(lambda: exact_ours(engine="loop"), max(1, repeats // 2))
+    slow_repeats = results["setup"]["slow_repeats"]  # the one-per-component loops take seconds each
+    kept: dict[str, dict] = {name: {} for name in ("exact_ours", "exact_ours_stacked", "exact_ours_loop", "exact_transformer_lens", "attribution_transformer_lens")}
+    timings["exact_ours"] = time_call(exact_ours, repeats, keep=kept["exact_ours"])
+    timings["exact_ours_stacked"] = time_call(lambda: exact_ours(engine="stacked"), slow_repeats, keep=kept["exact_ours_stacked"])
+    timings["exact_ours_loop"] = time_call(lambda: exact_ours(engine="loop"), slow_repeats, keep=kept["exact_ours_loop"])
     log("our exact sweeps timed")
     try:
-        timings["exact_transformer_lens"] = time_call(lambda: tl_exact(model, base, source, metric, family), max(1, repeats // 2))
+        timings["exact_transformer_lens"] = time_call(
+            lambda: tl_exact(model, base, source, metric, family), slow_repeats, keep=kept["exact_transformer_lens"]
+        )
     except Exception as err:  # report, do not fake
         timings["exact_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
     try:
-        timings["attribution_transformer_lens"] = time_call(lambda: tl_attribution(model, prompts, metric_for), max(1, repeats // 2))
+        timings["attribution_transformer_lens"] = time_call(
+            lambda: tl_attribution(model, prompts, metric_for), slow_repeats, keep=kept["attribution_transformer_lens"]
+        )
     except Exception as err:
         timings["attribution_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
     log("TransformerLens timed")
     results["timings"] = timings
 
-    # ---- agreement
+    # ---- agreement (on the results of the timed runs)
     agreement: dict = {}
-    ours = exact_ours()
-    loop = exact_ours(engine="loop")
+    ours, loop = kept["exact_ours"]["value"], kept["exact_ours_loop"]["value"]
     agreement["exact_ours_vs_loop_max_abs"] = (ours - loop).abs().max().item()
+    agreement["exact_stacked_vs_loop_max_abs"] = (kept["exact_ours_stacked"]["value"] - loop).abs().max().item()
     with torch.no_grad():
         base_value = metric(model(base)).item()
     if timings["exact_transformer_lens"]["available"]:
-        theirs = TL_EXACT[family][1](tl_exact(model, base, source, metric, family)) - base_value
+        theirs = TL_EXACT[family][1](kept["exact_transformer_lens"]["value"]) - base_value
         agreement["exact_ours_vs_transformer_lens_max_abs"] = (ours - theirs).abs().max().item()
         agreement["exact_loop_vs_transformer_lens_max_abs"] = (loop - theirs).abs().max().item()
     attribution = attribution_ours(fams=("head_pos", "mlp_pos"))
     if timings["attribution_transformer_lens"]["available"]:
-        theirs = tl_attribution(model, prompts, metric_for)
+        theirs = kept["attribution_transformer_lens"]["value"]
         for fam in ("head_pos", "mlp_pos"):
             agreement[f"attribution_ours_vs_transformer_lens_{fam}_max_abs"] = (attribution[fam] - theirs[fam]).abs().max().item()
-        agreement["attribution_max_abs_head_pos"] = attribution["head_pos"].abs().max().item()
-    agreement["exact_max_abs_head_pos"] = ours.abs().max().item()
     results["agreement"] = agreement
+    results["scale"] = {"exact_head_pos_max_abs": ours.abs().max().item(), "attribution_head_pos_max_abs": attribution["head_pos"].abs().max().item()}
 
     # ---- ratios
     median = lambda name: timings[name]["median_s"]  # noqa: E731
@@ -319,10 +338,11 @@ def run_benchmark(
     if families:
         for fam in patching.FAMILIES:
             function_name, to_ours = TL_EXACT.get(fam, (None, None))
+            mine: dict = {}
             row = {
                 "family": fam,
                 "components": int(torch.tensor(patching.effect_shape(model, fam, n_positions)).prod()),
-                "exact_ours_s": time_call(lambda: exact_ours(fam=fam), max(1, repeats // 2))["median_s"],
+                "exact_ours_s": time_call(lambda: exact_ours(fam=fam), slow_repeats, keep=mine)["median_s"],
                 "attribution_ours_s": time_call(lambda: attribution_ours(fams=(fam,)), max(1, repeats // 2))["median_s"],
                 "transformer_lens_function": function_name,
                 "exact_transformer_lens_s": None,
@@ -332,10 +352,11 @@ def run_benchmark(
             if function_name is None:
                 row["transformer_lens_function"] = "not available: transformer_lens.patching has no whole-layer MLP sweep"
             else:
-                row["exact_transformer_lens_s"] = time_call(lambda: tl_exact(model, base, source, metric, fam), 1)["median_s"]
+                kept_tl: dict = {}
+                row["exact_transformer_lens_s"] = time_call(lambda: tl_exact(model, base, source, metric, fam), 1, keep=kept_tl)["median_s"]
                 row["speedup"] = row["exact_transformer_lens_s"] / row["exact_ours_s"]
-                theirs = to_ours(tl_exact(model, base, source, metric, fam)) - base_value
-                row["max_abs_diff"] = (exact_ours(fam=fam) - theirs).abs().max().item()
+                theirs = to_ours(kept_tl["value"]) - base_value
+                row["max_abs_diff"] = (mine["value"] - theirs).abs().max().item()
             rows.append(row)
             log(f"family {fam} done")
     results["families"] = rows
@@ -477,7 +498,9 @@ def markdown_report(results: dict) -> str:
         f"Model: `{mdl['path']}` ({mdl['n_layers']} layers, {mdl['n_heads']} heads, d_model {mdl['d_model']}, "
         f"{mdl['n_params']:,} parameters). Prompts: {s['n_prompts']} IOI prompts of {s['n_positions']} tokens (seed {s['seed']}). "
         f"Sweep: every head x position ({s['n_components']} components), clean/corrupt patching, {s['direction']}. "
-        f"Times: median of {s['repeats']} runs after {s['warmup']} warm-up (fewer for the slow loops, see JSON).",
+        f"Times: median of {s['repeats']} runs after {s['warmup']} warm-up; {s['slow_repeats']} runs for the stacked, "
+        "one-at-a-time and TransformerLens sweeps and the per-family table's our exact sweeps, 1 run for its TransformerLens column "
+        "and the scaling tables' loops (up to 3 runs for the rest of the scaling tables).",
         "",
         "| what | wall time (median) | notes |",
         "|---|---:|---|",
@@ -485,7 +508,7 @@ def markdown_report(results: dict) -> str:
     rows = [
         ("floor_frozen", "cost floor: 2 forward + 1 backward, parameters frozen", "bare model, no lens hooks; backward from the metric to the embedding output only"),
         ("floor_full", "2 forward + 1 backward, trainable parameters", "backward also computes every weight gradient"),
-        ("attribution_ours", "attribution, ours (head x position)", "hooks on the 4 `hook_z` points only"),
+        ("attribution_ours", "attribution, ours (head x position)", "hooks on the `hook_z` points only"),
         ("attribution_ours_all_families", "attribution, ours (all 7 families at once)", "same 2F+1B, more hook points"),
         ("attribution_transformer_lens", "attribution, `transformer_lens.tools.analysis.attribution_patching`", "node granularity, one call per prompt pair"),
         ("exact_ours", "exact sweep, ours (prefix engine)", "starts each variant at the patched layer and position"),
@@ -512,8 +535,21 @@ def markdown_report(results: dict) -> str:
         "| agreement | max abs difference |",
         "|---|---:|",
     ]
+    labels = {
+        "exact_ours_vs_loop_max_abs": "exact: ours (prefix engine) vs one at a time",
+        "exact_stacked_vs_loop_max_abs": "exact: ours (stacked) vs one at a time",
+        "exact_ours_vs_transformer_lens_max_abs": "exact: ours (prefix engine) vs TransformerLens",
+        "exact_loop_vs_transformer_lens_max_abs": "exact: one at a time vs TransformerLens",
+        "attribution_ours_vs_transformer_lens_head_pos_max_abs": "attribution, head x position: ours vs TransformerLens",
+        "attribution_ours_vs_transformer_lens_mlp_pos_max_abs": "attribution, MLP x position: ours vs TransformerLens",
+    }
     for key, value in a.items():
-        lines.append(f"| {key.replace('_', ' ')} | {value:.2e} |")
+        lines.append(f"| {labels.get(key, key)} | {value:.2e} |")
+    lines += [
+        "",
+        f"For scale: the largest exact effect is {results['scale']['exact_head_pos_max_abs']:.2f} and the largest "
+        f"attribution estimate {results['scale']['attribution_head_pos_max_abs']:.2f} (logit difference).",
+    ]
     if results["families"]:
         lines += [
             "",
@@ -593,7 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts < 1 or args.repeats < 1:
         parser.error("--prompts and --repeats must be at least 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformer_lens.patching draws a progress bar per sweep
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     command = "python -m attribution_course.bench" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
