@@ -279,9 +279,11 @@ def test_load_results_names_the_file_it_cannot_read(tmp_path):
 
 @pytest.mark.slow
 def test_quick_benchmark_run_writes_json_markdown_and_a_figure(tmp_path):
-    markdown = tmp_path / "performance.md"
-    assert bench.main(["--quick", "--repeats", "1", "--prompts", "2", "--out", str(tmp_path), "--markdown", str(markdown)]) == 0
+    markdown, copy = tmp_path / "performance.md", tmp_path / "performance.json"
+    arguments = ["--quick", "--repeats", "1", "--prompts", "2", "--out", str(tmp_path), "--markdown", str(markdown), "--json", str(copy)]
+    assert bench.main(arguments) == 0
     results = bench.load_results(tmp_path / "bench.json")
+    assert bench.load_results(copy) == results
     assert results["agreement"]["exact_ours_vs_transformer_lens_max_abs"] < 1e-4
     assert {t["name"] for t in results["targets"]} and all(isinstance(t["met"], bool) for t in results["targets"])
     assert markdown.read_text() == (tmp_path / "bench.md").read_text()
