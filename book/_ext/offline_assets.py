@@ -8,6 +8,7 @@ Nothing is vendored, so it cannot go stale when plotly is upgraded.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -55,6 +56,26 @@ def _offline_scripts(app, pagename, templatename, context, doctree) -> None:
     scripts[:] = kept
 
 
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def _drop_plotly_json(app, docname, source) -> None:
+    """Stored notebooks (the appendix): keep a figure's HTML, drop its Plotly JSON twin.
+
+    ``attribution_course.plots`` emits both outside the book build; MyST-NB has
+    no renderer for the JSON and would warn (a failed strict build).
+    """
+    if not str(app.env.doc2path(docname)).endswith(".ipynb") or PLOTLY_MIME not in source[0]:
+        return
+    notebook = json.loads(source[0])
+    for cell in notebook.get("cells", []):
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if PLOTLY_MIME in data and "text/html" in data:
+                del data[PLOTLY_MIME]
+    source[0] = json.dumps(notebook)
+
+
 def setup(app):
     # Chapters' kernels inherit this: attribution_course.plots then emits HTML only.
     os.environ["ATTRIBUTION_COURSE_BOOK_BUILD"] = "1"
@@ -63,4 +84,5 @@ def setup(app):
     app.add_js_file(PLOTLY_JS, priority=200)
     app.connect("build-finished", _copy_plotly_js)
     app.connect("html-page-context", _offline_scripts, priority=900)
+    app.connect("source-read", _drop_plotly_json)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

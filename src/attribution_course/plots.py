@@ -304,12 +304,16 @@ def bar(values, *, labels: Sequence[str], title: str, y_title: str = "", series_
 def grouped_bar(series: dict[str, Sequence[float]], *, labels: Sequence[str], title: str, y_title: str = "") -> go.Figure:
     """Bars grouped by ``labels``, one pattern-filled bar per series (so print and colour-blind readers can tell them apart)."""
     patterns = ("", "/", ".", "x", "\\", "+")
+    # values on the bars only while they fit; otherwise hover shows them
+    label_bars = len(labels) * len(series) <= 32
     fig = go.Figure()
     for k, (name, values) in enumerate(series.items()):
         y = _numpy(values).ravel()
         fig.add_trace(
             go.Bar(
-                x=list(labels), y=y, name=name, text=[f"{v:.2f}" for v in y], textposition="outside",
+                x=list(labels), y=y, name=name, text=[f"{v:.2f}" for v in y] if label_bars else None,
+                textposition="outside" if label_bars else "none",
+                hovertemplate="%{x}<br>" + name + " %{y:.4f}<extra></extra>",
                 marker=dict(color=COLOURS[k % len(COLOURS)], pattern=dict(shape=patterns[k % len(patterns)])),
             )
         )
