@@ -131,11 +131,16 @@ def test_the_prefix_engine_finds_the_positions_the_metric_reads_and_checks_them(
     assert_close(everywhere, loop_sweeps("mlp_pos", "patch"), **TIGHT)
 
 
-def test_prefix_engine_refuses_a_model_it_does_not_reproduce(model, prompts, monkeypatch):
+def test_prefix_engine_refuses_a_model_it_does_not_reproduce(model, prompts, metric, replacements, loop_sweeps, monkeypatch):
     assert patching.functional_engine_problem(model, prompts.clean_tokens, "head_pos") is None
     monkeypatch.setattr(model.cfg, "act_fn", "relu")
     problem = patching.functional_engine_problem(model, prompts.clean_tokens, "head_pos")
     assert problem is not None and "GELU" in problem
+    with pytest.raises(ValueError, match="engine='prefix' cannot run this model"):
+        patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head", "patch"), "head", engine="prefix")
+    # "auto" falls back to the stacked bridge engine, which still gives the loop's numbers
+    fallback = patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head", "patch"), "head")
+    assert_close(fallback, loop_sweeps("head", "patch"), atol=1e-6, rtol=0)
 
 
 # ---------------------------------------------------------------- attribution

@@ -453,11 +453,12 @@ def exact_sweep(
       positions (causal attention: they cannot change). Variants that share a
       layer and a first position run stacked in one pass. It checks itself
       against the bridge's logits and hook activations on the base run and is
-      used only if they agree.
-      The last block then runs only at the positions whose logits the metric
+      used only if they agree (max abs difference <= :data:`FUNCTIONAL_TOLERANCE`).
+      Its last block runs only at the positions whose logits the metric
       reads (``metric_positions``; ``"auto"`` finds them with
       :func:`positions_read_by`, ``None`` means all), since the last block's
-      output elsewhere cannot reach the metric.
+      output elsewhere cannot reach the metric; the logits it does not compute
+      are NaN, and a metric that reads one raises an error.
     * ``"auto"``: ``"loop"`` if ``variants_per_pass == 1`` (so old calls keep
       meaning the plain loop), else ``"prefix"`` when it applies, else ``"stacked"``.
 
