@@ -174,13 +174,28 @@ def canonicalize(nb: nbformat.NotebookNode, stem: str, where: str | Path) -> nbf
         cell.metadata = nbformat.NotebookNode()
         cell.id = f"cell-{index:03d}"
         if cell.cell_type == "code":
-            cell.outputs = [o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr")]
+            cell.outputs = _merge_streams(o for o in cell.outputs if not (o.output_type == "stream" and o.name == "stderr"))
         if index in exercises:
             tags += [GRADED_TAG, NBVAL_CHECK_TAG]
             cell.metadata[METADATA_KEY] = exercise_metadata(exercises[index])
         if tags:
             cell.metadata["tags"] = tags
     return nb
+
+
+def _merge_streams(outputs) -> list:
+    """Join consecutive pieces of one stream: the kernel may split a print at random."""
+    merged: list = []
+    for output in outputs:
+        previous = merged[-1] if merged else None
+        if (
+            output.output_type == "stream" and previous is not None
+            and previous.output_type == "stream" and previous.name == output.name
+        ):
+            previous.text = previous.text + output.text
+        else:
+            merged.append(output)
+    return merged
 
 
 def make_exercise_notebook(solution: nbformat.NotebookNode, stem: str, where: str | Path) -> nbformat.NotebookNode:
