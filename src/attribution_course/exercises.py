@@ -34,6 +34,7 @@ import copy
 import os
 import re
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -299,8 +300,9 @@ def generate(stems: list[str], *, run: bool = True) -> None:
         path = solution_path(stem)
         nb = read_notebook(path)
         if run:
-            print(f"executing {path.relative_to(REPO_ROOT)}", flush=True)
+            start = time.monotonic()
             nb = execute(canonicalize(nb, stem, path), cwd=SOLUTIONS_DIR)
+            print(f"executed {path.relative_to(REPO_ROOT)} in {time.monotonic() - start:.1f} s", flush=True)
         solution = canonicalize(nb, stem, path)
         write_if_changed(path, notebook_text(solution))
         exercise = make_exercise_notebook(solution, stem, path)

@@ -361,9 +361,14 @@ def grade_notebook(
                 f"{path}: cannot tell which exercise notebook this is (no '{METADATA_KEY}' metadata and no known "
                 f"name such as {NOTEBOOK_STEMS[1]} in the file name)",
             )
-        reference = load_reference(stem, reference_dir)
     except NotebookFormatError as err:
         return NotebookResult(submission, None, S_MALFORMED, str(err), seconds=time.monotonic() - start)
+    try:
+        reference = load_reference(stem, reference_dir)
+    except NotebookFormatError as err:
+        return NotebookResult(
+            submission, stem, S_ERROR, f"cannot read the reference notebook ({err}); pass --reference-dir"
+        )
     try:
         graded_nb, graded_cells, missing = prepare_graded_copy(learner, reference)
     except Exception as err:  # learner JSON that is valid but odd (e.g. a cell without a source)
