@@ -3,10 +3,11 @@
 A small GPT-2 (``GPT2LMHeadModel``: LayerNorm, MLPs, several heads per layer)
 with a word-level tokenizer, trained from scratch on synthetic IOI sentences
 (training names and templates only) mixed with filler sentences that mention
-every name. Names get fixed random embeddings that training never updates:
-the model cannot memorise a per-name answer and has to learn a mechanism that
-works for any name vector, which is what lets it handle the held-out names it
-never saw in an IOI sentence. Seeded; takes a few minutes on 2 CPU cores. Writes the Hugging Face
+every name. Names get random embeddings that training never updates and that
+are drawn afresh at every step: the model cannot memorise a per-name answer and
+has to learn a mechanism that works for any name vector, which is what lets it
+handle the held-out names it never saw in an IOI sentence. The saved model
+carries one more seeded draw. Seeded; takes a few minutes on 2 CPU cores. Writes the Hugging Face
 files and ``MODEL_CARD.md`` (whose numbers come from this run's evaluation).
 """
 
@@ -100,6 +101,9 @@ def evaluate(model, tokenizer, n_prompts: int = 600, seed: int = 1234) -> dict:
 def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    # One thread: the same seed then gives the same weights on any machine,
+    # whatever its core count (parallel reductions change the rounding).
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = build_tokenizer()
@@ -115,15 +119,15 @@ def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -
     model = GPT2LMHeadModel(config)
     name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
     embedding = model.transformer.wte.weight  # tied with the unembedding
-    with torch.no_grad():
-        embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
-    fixed_name_embeddings = embedding[name_ids].detach().clone()
+    fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
     start = time.perf_counter()
     model.train()
     for step in range(steps):
+        with torch.no_grad():
+            embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng) for _ in range(batch_size)], length)
         logits = model(ids).logits[:, :-1]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
@@ -133,11 +137,11 @@ def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        with torch.no_grad():  # undo the update (and weight decay) of the name rows
-            embedding[name_ids] = fixed_name_embeddings
         if step % 250 == 0 or step == steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
+    with torch.no_grad():
+        embedding[name_ids] = fixed_name_embeddings
     model.eval()
     results = evaluate(model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,9 +186,10 @@ Synthetic sentences generated on the fly (`attribution_course.corpus`, seed {inf
 {len(corpus.TRAIN_NAMES)} training names, both ABBA and BABA orders, {len(corpus.PLACES)} places and {len(corpus.OBJECTS)} objects,
 each followed by its answer; 20% filler sentences (such as "a bag was given to Joe .") that
 mention every name, including the {len(corpus.TEST_NAMES)} held-out names, which never appear in a
-training IOI sentence. Every name has a fixed random embedding (standard deviation
-{NAME_EMBEDDING_STD}) that training never updates, so the model cannot memorise
-per-name answers and must learn a mechanism that works for any name vector. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
+training IOI sentence. Every name has a random embedding (standard deviation
+{NAME_EMBEDDING_STD}) that training never updates and redraws at every step, so the model
+cannot memorise per-name answers and must learn a mechanism that works for any name
+vector; the saved weights carry one more seeded draw. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
 Next-token cross-entropy on every position, AdamW (lr {info['lr']}, one-cycle schedule),
 {info['steps']} steps of {info['batch_size']} sentences, no dropout: {info['train_seconds']} s on
 {info['torch_threads']} CPU threads (torch {info['torch_version']}).
@@ -209,9 +214,9 @@ localisation methods, not a language model. Its circuit need not match GPT-2 sma
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="output directory (default: the shipped model)")
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     info = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
