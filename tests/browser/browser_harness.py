@@ -321,7 +321,7 @@ def visit_page(
         facts = page.evaluate(FACTS_JS)
         report = PageReport(name=name, url=url, status=status, facts=facts)
         shot = output_dir / f"{name}.png"
-        page.screenshot(path=str(shot), full_page=True, animations="disabled")
+        page.screenshot(path=str(shot), full_page=True)
         report.screenshots.append(shot)
 
         report.figures = [
@@ -359,7 +359,7 @@ def visit_page(
             page.evaluate(SETTLE_JS)
             report.dark_facts = page.evaluate(FACTS_JS)
             dark_shot = output_dir / f"{name}-dark.png"
-            page.screenshot(path=str(dark_shot), full_page=True, animations="disabled")
+            page.screenshot(path=str(dark_shot), full_page=True)
             report.screenshots.append(dark_shot)
             for f, dark in zip(report.figures, report.dark_facts["figures"]):
                 f.dark_has_drawing = (dark["hasSvg"] or dark["canvasCount"] > 0) and dark["drawingWidth"] > 0

@@ -49,6 +49,16 @@ def pytest_terminal_summary(terminalreporter):
             f"browser: {len(VISITED)} pages, {figures} plotly figures visited in {seconds:.0f} s; "
             f"screenshots in {harness.OUTPUT_DIR.relative_to(harness.REPO_ROOT)}/"
         )
+        measured = [f for r in VISITED for f in r.figures]
+        for kind in sorted({t for f in measured for t in f.trace_types}):
+            of_kind = [f for f in measured if kind in f.trace_types]
+            drawn = [f.drawn_fraction for f in of_kind if f.drawn_fraction is not None]
+            contrast = [c for f in of_kind for c in f.text_contrast.values() if c is not None]
+            terminalreporter.write_line(
+                f"browser:   {kind}: {len(of_kind)} figure(s), data drawn over "
+                f"{100 * min(drawn, default=0):.1f}-{100 * max(drawn, default=0):.1f}% of the axes, "
+                f"lowest text contrast {min(contrast, default=float('nan')):.1f}:1"
+            )
 
 
 @pytest.fixture(scope="session")
