@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from attribution_course import patching
-from attribution_course.metrics import accuracy, logit_diff, pearson, spearman
+from attribution_course.metrics import accuracy, logit_diff, pearson
 from attribution_course.model import SHIPPED_MODEL_DIR
 from attribution_course.prompts import make_ioi_prompts
 
@@ -66,16 +66,33 @@ def test_hooks_really_ablate_a_head(model, test_prompts, head_zero_ablation):
     assert (ablated - clean).item() == pytest.approx(exact[strongest].item(), abs=1e-4)
 
 
-def test_minus_a_grad_tracks_exact_zero_ablation_and_plus_a_grad_does_not(head_zero_ablation):
+def test_minus_a_grad_tracks_exact_zero_ablation_and_plus_a_grad_does_not(model, head_zero_ablation):
+    """The course's central claim, pinned to the shipped model.
+
+    -a·∂M/∂a agrees with exact zero ablation of every head (Pearson >= 0.9),
+    ranks the two most important heads as exact ablation does, and gives the
+    right sign to every head outside layer 0 whose effect is at least 5% of the
+    largest, and to the head whose removal helps most; +a·∂M/∂a gets every one of those signs wrong. Layer-0 heads are
+    excluded from the sign check only: their removal changes the input of every
+    later attention pattern, which is where the first-order estimate breaks down
+    (chapter 8 measures this; ``test_sign_claims.py`` pins that chapter's claims).
+    """
     exact, minus_a_grad = head_zero_ablation
     right_sign = pearson(exact, minus_a_grad)
     wrong_sign = pearson(exact, -minus_a_grad)
     assert right_sign >= 0.9, f"Pearson(exact, -a*grad) = {right_sign:.3f}"
-    assert spearman(exact, minus_a_grad) >= 0.8
     assert wrong_sign <= -0.9, f"Pearson(exact, +a*grad) = {wrong_sign:.3f}"
-    # the signs agree wherever the effect is not negligible
-    large = exact.abs() > 0.1 * exact.abs().max()
-    assert (torch.sign(exact[large]) == torch.sign(minus_a_grad[large])).all()
+    top = 2
+    assert exact.abs().topk(top).indices.tolist() == minus_a_grad.abs().topk(top).indices.tolist()
+    later_layers = torch.arange(exact.numel()) >= model.cfg.n_heads
+    clear = later_layers & (exact.abs() >= 0.05 * exact.abs().max())
+    assert clear.sum() >= 3
+    assert (torch.sign(exact[clear]) == torch.sign(minus_a_grad[clear])).all()
+    assert (torch.sign(exact[clear]) != torch.sign(-minus_a_grad[clear])).all()
+    # the head whose removal helps most: the right sign says so, the wrong sign says the opposite
+    helps_most = exact.argmax()
+    assert exact[helps_most] > 0.1
+    assert minus_a_grad[helps_most] > 0 > -minus_a_grad[helps_most]
 
 
 def test_some_head_helps_when_removed_and_some_head_matters_a_lot(model, test_prompts, head_zero_ablation):

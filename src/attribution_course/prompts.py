@@ -108,7 +108,7 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=False)
     unk = getattr(tokenizer, "unk_token_id", None)
     if unk is not None and unk in ids:
-        bad = [w for w in text.split() if tokenizer.encode(" " + w, add_special_tokens=False) == [unk]]
+        bad = sorted({w for w in text.split() if tokenizer.encode(" " + w, add_special_tokens=False) == [unk]})
         raise ValueError(f"cannot encode prompt {text!r}: unknown word(s) {bad} for this tokenizer")
     if tokenizer.bos_token_id is None:
         raise ValueError("the tokenizer has no beginning-of-sequence token; IOI prompts need one at position 0")
