@@ -138,7 +138,7 @@ def test_prefix_engine_refuses_a_model_it_does_not_reproduce(model, prompts, met
     assert problem is not None and "GELU" in problem
     with pytest.raises(ValueError, match="engine='prefix' cannot run this model"):
         patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head", "patch"), "head", engine="prefix")
-    # "auto" falls back to the stacked bridge engine, which still gives the loop's numbers
+    # "auto" falls back to a bridge engine, which gives the loop's numbers
     fallback = patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head", "patch"), "head")
     assert_close(fallback, loop_sweeps("head", "patch"), atol=1e-6, rtol=0)
 

@@ -2,7 +2,8 @@
 
 Run ``python -m attribution_course.bench`` (or ``make bench``). Everything runs
 in one process on the same model, prompts and components; every time is the
-median of ``--repeats`` runs after one warm-up run. It writes
+median of several runs after one warm-up run, and methods that are compared
+run round-robin (:func:`time_interleaved`) so load changes hit them alike. It writes
 ``bench-output/bench.json`` and ``bench-output/bench.md`` (and, with
 ``--markdown PATH`` / ``--json PATH``, copies there: the committed run is
 ``docs/performance.md`` and ``docs/performance.json``, written by
@@ -102,33 +103,40 @@ TL_EXACT = {
     "mlp": (None, None),
 }
 
-TARGETS = {
-    "attribution_over_floor_frozen": 1.5,  # at most
-    "transformer_lens_over_exact_ours": 3.0,  # at least
-    "exact_ours_vs_transformer_lens_max_abs": 1e-4,  # below
-    "peak_rss_mb": 4096.0,  # below
-}
-
-
 # ---------------------------------------------------------------- timing
 
 
-def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1, keep: dict | None = None) -> dict:
-    """Median, min and max wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs.
+def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> tuple[dict, dict]:
+    """Median, min and max wall time of each call over ``repeats`` runs after ``warmup`` runs.
 
-    With ``keep``, the last run's return value is stored in ``keep["value"]``
-    (so agreement checks reuse a timed result instead of rerunning it).
+    The calls run round-robin: each round runs every call once, so a change in machine load during the
+    benchmark (other processes on a shared machine) hits all of them alike.
+    A call that raises is reported unavailable, with the reason. Returns
+    ``(timings, last return values)``.
     """
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        value = fn()
-        runs.append(time.perf_counter() - start)
-    if keep is not None:
-        keep["value"] = value
-    return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs), "runs_s": runs, "available": True, "reason": None}
+    runs: dict[str, list[float]] = {name: [] for name in calls}
+    values: dict[str, object] = {}
+    failed: dict[str, str] = {}
+    for round_index in range(warmup + repeats):
+        for name, fn in calls.items():
+            if name in failed:
+                continue
+            start = time.perf_counter()
+            try:
+                values[name] = fn()
+            except Exception as err:  # report, do not fake
+                failed[name] = f"{type(err).__name__}: {err}"
+                continue
+            if round_index >= warmup:
+                runs[name].append(time.perf_counter() - start)
+    timings = {}
+    for name in calls:
+        if name in failed:
+            timings[name] = unavailable(failed[name])
+        else:
+            r = runs[name]
+            timings[name] = {"median_s": statistics.median(r), "min_s": min(r), "max_s": max(r), "runs_s": r, "available": True, "reason": None}
+    return timings, values
 
 
 def unavailable(reason: str) -> dict:
@@ -262,7 +270,7 @@ def run_benchmark(
             "kind": "patch",
             "n_components": int(torch.tensor(patching.effect_shape(model, family, n_positions)).prod()),
             "repeats": repeats,
-            "slow_repeats": max(1, repeats // 2),
+            "slow_repeats": max(2, repeats // 2),
             "warmup": 1,
         },
     }
@@ -274,49 +282,49 @@ def run_benchmark(
     def attribution_ours(tokens=base, src=source, fams=(family,), metric=metric):
         return patching.attribution_sweeps(model, tokens, metric, list(fams), kind="patch", source_tokens=src)
 
-    timings: dict = {}
     log(f"model {results['model']['path']}: {n_prompts} prompts x {n_positions} positions, {torch.get_num_threads()} torch threads")
-    timings["floor_frozen"] = time_call(lambda: floor_run(model, source, base, metric, frozen=True), repeats)
-    timings["floor_full"] = time_call(lambda: floor_run(model, source, base, metric, frozen=False), repeats)
-    timings["attribution_ours"] = time_call(attribution_ours, repeats)
-    all_families = list(patching.FAMILIES)
-    timings["attribution_ours_all_families"] = time_call(lambda: attribution_ours(fams=all_families), repeats)
+    fast, _ = time_interleaved(
+        {
+            "floor_frozen": lambda: floor_run(model, source, base, metric, frozen=True),
+            "floor_full": lambda: floor_run(model, source, base, metric, frozen=False),
+            "attribution_ours": attribution_ours,
+            "attribution_ours_all_families": lambda: attribution_ours(fams=list(patching.FAMILIES)),
+        },
+        repeats,
+    )
     log("floor and attribution timed")
     slow_repeats = results["setup"]["slow_repeats"]  # the one-per-component loops take seconds each
-    kept: dict[str, dict] = {name: {} for name in ("exact_ours", "exact_ours_stacked", "exact_ours_loop", "exact_transformer_lens", "attribution_transformer_lens")}
-    timings["exact_ours"] = time_call(exact_ours, repeats, keep=kept["exact_ours"])
-    timings["exact_ours_stacked"] = time_call(lambda: exact_ours(engine="stacked"), slow_repeats, keep=kept["exact_ours_stacked"])
-    timings["exact_ours_loop"] = time_call(lambda: exact_ours(engine="loop"), slow_repeats, keep=kept["exact_ours_loop"])
-    log("our exact sweeps timed")
-    try:
-        timings["exact_transformer_lens"] = time_call(
-            lambda: tl_exact(model, base, source, metric, family), slow_repeats, keep=kept["exact_transformer_lens"]
-        )
-    except Exception as err:  # report, do not fake
-        timings["exact_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
-    try:
-        timings["attribution_transformer_lens"] = time_call(
-            lambda: tl_attribution(model, prompts, metric_for), slow_repeats, keep=kept["attribution_transformer_lens"]
-        )
-    except Exception as err:
-        timings["attribution_transformer_lens"] = unavailable(f"{type(err).__name__}: {err}")
-    log("TransformerLens timed")
+    slow, kept = time_interleaved(
+        {
+            "exact_ours": exact_ours,
+            "exact_transformer_lens": lambda: tl_exact(model, base, source, metric, family),
+            "exact_ours_loop": lambda: exact_ours(engine="loop"),
+            "exact_ours_stacked": lambda: exact_ours(engine="stacked"),
+            "attribution_transformer_lens": lambda: tl_attribution(model, prompts, metric_for),
+        },
+        slow_repeats,
+    )
+    for name in ("exact_ours", "exact_ours_loop", "exact_ours_stacked"):
+        if not slow[name]["available"]:
+            raise RuntimeError(f"our own {name} failed: {slow[name]['reason']}")
+    log("exact sweeps and TransformerLens timed")
+    timings = {**fast, **slow}
     results["timings"] = timings
 
     # ---- agreement (on the results of the timed runs)
     agreement: dict = {}
-    ours, loop = kept["exact_ours"]["value"], kept["exact_ours_loop"]["value"]
+    ours, loop = kept["exact_ours"], kept["exact_ours_loop"]
     agreement["exact_ours_vs_loop_max_abs"] = (ours - loop).abs().max().item()
-    agreement["exact_stacked_vs_loop_max_abs"] = (kept["exact_ours_stacked"]["value"] - loop).abs().max().item()
+    agreement["exact_stacked_vs_loop_max_abs"] = (kept["exact_ours_stacked"] - loop).abs().max().item()
     with torch.no_grad():
         base_value = metric(model(base)).item()
     if timings["exact_transformer_lens"]["available"]:
-        theirs = TL_EXACT[family][1](kept["exact_transformer_lens"]["value"]) - base_value
+        theirs = TL_EXACT[family][1](kept["exact_transformer_lens"]) - base_value
         agreement["exact_ours_vs_transformer_lens_max_abs"] = (ours - theirs).abs().max().item()
         agreement["exact_loop_vs_transformer_lens_max_abs"] = (loop - theirs).abs().max().item()
     attribution = attribution_ours(fams=("head_pos", "mlp_pos"))
     if timings["attribution_transformer_lens"]["available"]:
-        theirs = kept["attribution_transformer_lens"]["value"]
+        theirs = kept["attribution_transformer_lens"]
         for fam in ("head_pos", "mlp_pos"):
             agreement[f"attribution_ours_vs_transformer_lens_{fam}_max_abs"] = (attribution[fam] - theirs[fam]).abs().max().item()
     results["agreement"] = agreement
@@ -343,12 +351,15 @@ def run_benchmark(
     if families:
         for fam in patching.FAMILIES:
             function_name, to_ours = TL_EXACT.get(fam, (None, None))
-            mine: dict = {}
+            calls = {"ours": lambda: exact_ours(fam=fam), "attribution": lambda: attribution_ours(fams=(fam,))}
+            if function_name is not None:
+                calls["transformer_lens"] = lambda: tl_exact(model, base, source, metric, fam)
+            timed, values = time_interleaved(calls, 1)
             row = {
                 "family": fam,
                 "components": int(torch.tensor(patching.effect_shape(model, fam, n_positions)).prod()),
-                "exact_ours_s": time_call(lambda: exact_ours(fam=fam), slow_repeats, keep=mine)["median_s"],
-                "attribution_ours_s": time_call(lambda: attribution_ours(fams=(fam,)), max(1, repeats // 2))["median_s"],
+                "exact_ours_s": timed["ours"]["median_s"],
+                "attribution_ours_s": timed["attribution"]["median_s"],
                 "transformer_lens_function": function_name,
                 "exact_transformer_lens_s": None,
                 "speedup": None,
@@ -356,12 +367,13 @@ def run_benchmark(
             }
             if function_name is None:
                 row["transformer_lens_function"] = "not available: transformer_lens.patching has no whole-layer MLP sweep"
+            elif not timed["transformer_lens"]["available"]:
+                row["transformer_lens_function"] = f"not available: {timed['transformer_lens']['reason']}"
             else:
-                kept_tl: dict = {}
-                row["exact_transformer_lens_s"] = time_call(lambda: tl_exact(model, base, source, metric, fam), 1, keep=kept_tl)["median_s"]
+                row["exact_transformer_lens_s"] = timed["transformer_lens"]["median_s"]
                 row["speedup"] = row["exact_transformer_lens_s"] / row["exact_ours_s"]
-                theirs = to_ours(kept_tl["value"]) - base_value
-                row["max_abs_diff"] = (mine["value"] - theirs).abs().max().item()
+                theirs = to_ours(values["transformer_lens"]) - base_value
+                row["max_abs_diff"] = (values["ours"] - theirs).abs().max().item()
             rows.append(row)
             log(f"family {fam} done")
     results["families"] = rows
@@ -373,28 +385,36 @@ def run_benchmark(
         p = make_ioi_prompts(model, n, seed=seed)
         b, s = patching.base_and_source(p.clean_tokens, p.corrupted_tokens, "denoising")
         m = metric_for(p)
+        cheap, _ = time_interleaved(
+            {"attribution": lambda: attribution_ours(tokens=b, src=s, metric=m), "floor": lambda: floor_run(model, s, b, m, frozen=True)},
+            scaling_repeats,
+        )
+        sweeps = {"ours": lambda: exact_ours(tokens=b, src=s, metric=m)}
+        if timings["exact_transformer_lens"]["available"]:
+            sweeps["transformer_lens"] = lambda: tl_exact(model, b, s, m, family)
+        exact, _ = time_interleaved(sweeps, 1)
         scaling["prompts"].append(
             {
                 "n_prompts": n,
-                "exact_ours_s": time_call(lambda: exact_ours(tokens=b, src=s, metric=m), scaling_repeats)["median_s"],
-                "exact_transformer_lens_s": time_call(lambda: tl_exact(model, b, s, m, family), 1)["median_s"]
-                if timings["exact_transformer_lens"]["available"]
-                else None,
-                "attribution_ours_s": time_call(lambda: attribution_ours(tokens=b, src=s, metric=m), scaling_repeats)["median_s"],
-                "floor_frozen_s": time_call(lambda: floor_run(model, s, b, m, frozen=True), scaling_repeats)["median_s"],
+                "exact_ours_s": exact["ours"]["median_s"],
+                "exact_transformer_lens_s": exact["transformer_lens"]["median_s"] if "transformer_lens" in exact else None,
+                "attribution_ours_s": cheap["attribution"]["median_s"],
+                "floor_frozen_s": cheap["floor"]["median_s"],
             }
         )
         log(f"scaling: {n} prompts done")
     for k in scaling_positions:
         k = min(k, n_positions)
         swept = list(range(n_positions - k, n_positions))  # the last k positions
+        cheap, _ = time_interleaved({"ours": lambda: exact_ours(positions=swept), "attribution": attribution_ours}, scaling_repeats)
+        loop, _ = time_interleaved({"loop": lambda: exact_ours(engine="loop", positions=swept)}, 1)
         scaling["positions"].append(
             {
                 "n_positions_swept": k,
                 "n_components": cfg.n_layers * cfg.n_heads * k,
-                "exact_ours_s": time_call(lambda: exact_ours(positions=swept), scaling_repeats)["median_s"],
-                "exact_ours_loop_s": time_call(lambda: exact_ours(engine="loop", positions=swept), 1)["median_s"],
-                "attribution_ours_s": time_call(attribution_ours, scaling_repeats)["median_s"],
+                "exact_ours_s": cheap["ours"]["median_s"],
+                "exact_ours_loop_s": loop["loop"]["median_s"],
+                "attribution_ours_s": cheap["attribution"]["median_s"],
             }
         )
         log(f"scaling: {k} positions done")
@@ -506,9 +526,9 @@ def markdown_report(results: dict) -> str:
         f"Model: `{mdl['path']}` ({mdl['n_layers']} layers, {mdl['n_heads']} heads, d_model {mdl['d_model']}, "
         f"{mdl['n_params']:,} parameters). Prompts: {s['n_prompts']} IOI prompts of {s['n_positions']} tokens (seed {s['seed']}). "
         f"Sweep: every head x position ({s['n_components']} components), clean/corrupt patching, {s['direction']}. "
-        f"Times: median of {s['repeats']} runs after {s['warmup']} warm-up; {s['slow_repeats']} runs for the stacked, "
-        "one-at-a-time and TransformerLens sweeps and the per-family table's our exact sweeps, 1 run for its TransformerLens column "
-        "and the scaling tables' loops (up to 3 runs for the rest of the scaling tables).",
+        f"Times: median of {s['repeats']} runs after {s['warmup']} warm-up ({s['slow_repeats']} runs for the exact sweeps and "
+        "TransformerLens's attribution; 1 run after a warm-up in the per-family table; 1 run for the scaling table's loop, up to 3 "
+        "for the rest). Competing methods run round-robin, so load changes on a shared machine hit them alike.",
         "",
         "| what | wall time (median) | notes |",
         "|---|---:|---|",

@@ -414,8 +414,9 @@ def _rows_per_pass(model, n_positions: int, memory_budget_bytes: int) -> int:
     return max(1, memory_budget_bytes // (4 * floats_per_row))
 
 
-#: Default memory for one batched pass of an exact sweep (activations only).
-DEFAULT_PASS_MEMORY = 256 * 2**20
+#: Default memory for one batched pass of an exact sweep (activations only). Small on
+#: purpose: on CPU, stacking more variants into a bridge forward does not make it faster.
+DEFAULT_PASS_MEMORY = 32 * 2**20
 
 Engine = Literal["auto", "prefix", "stacked", "loop"]
 
@@ -460,7 +461,9 @@ def exact_sweep(
       output elsewhere cannot reach the metric; the logits it does not compute
       are NaN, and a metric that reads one raises an error.
     * ``"auto"``: ``"loop"`` if ``variants_per_pass == 1`` (so old calls keep
-      meaning the plain loop), else ``"prefix"`` when it applies, else ``"stacked"``.
+      meaning the plain loop), else ``"prefix"`` when it applies, else
+      ``"stacked"`` on a GPU and ``"loop"`` on the CPU (where the benchmark
+      finds stacked bridge passes slower than the loop).
 
     ``variants_per_pass`` (default: as many as fit ``memory_budget_bytes``) caps
     how many variants share one pass in the stacked and prefix engines.
@@ -483,7 +486,9 @@ def exact_sweep(
             engine = "loop"
         else:
             runner, _ = _verified_prefix_runner(model, base_tokens, fam, replacements)
-            engine = "prefix" if runner is not None else "stacked"
+            # measured on CPU (python -m attribution_course.bench): stacked bridge passes are
+            # slower than the plain loop there; on a GPU stacking is what pays
+            engine = "prefix" if runner is not None else ("stacked" if base_tokens.is_cuda else "loop")
     elif engine == "prefix":
         runner, problem = _verified_prefix_runner(model, base_tokens, fam, replacements)
         if problem is not None:
