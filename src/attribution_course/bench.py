@@ -479,6 +479,24 @@ def scaling_figure(results: dict):
 
     figure = make_subplots(rows=1, cols=2, subplot_titles=("time vs number of prompts", "time vs positions swept (head x position)"))
     prompts = results["scaling"]["prompts"]
+    # one colour per series in both panels; marker symbol and dash differ too, so the
+    # lines read without colour
+    style = {
+        "exact, ours": dict(symbol="circle", dash="solid", color="#1f77b4"),
+        "exact, TransformerLens": dict(symbol="square", dash="dash", color="#d62728"),
+        "exact, one at a time": dict(symbol="diamond", dash="dashdot", color="#9467bd"),
+        "attribution, ours": dict(symbol="triangle-up", dash="dot", color="#2ca02c"),
+        "floor 2F+1B": dict(symbol="x", dash="longdash", color="#7f7f7f"),
+    }
+
+    def add(rows, x_key, key, label, col, showlegend):
+        figure.add_scatter(
+            x=[r[x_key] for r in rows], y=[r[key] for r in rows], name=label, legendgroup=label, showlegend=showlegend,
+            mode="lines+markers", marker=dict(symbol=style[label]["symbol"], size=9, color=style[label]["color"]),
+            line=dict(dash=style[label]["dash"], color=style[label]["color"]),
+            row=1, col=col,
+        )
+
     series = [
         ("exact_ours_s", "exact, ours"),
         ("exact_transformer_lens_s", "exact, TransformerLens"),
@@ -487,13 +505,10 @@ def scaling_figure(results: dict):
     ]
     for key, label in series:
         if any(row.get(key) is not None for row in prompts):
-            figure.add_scatter(x=[r["n_prompts"] for r in prompts], y=[r[key] for r in prompts], name=label, legendgroup=label, mode="lines+markers", row=1, col=1)
+            add(prompts, "n_prompts", key, label, col=1, showlegend=True)
     positions = results["scaling"]["positions"]
     for key, label in [("exact_ours_s", "exact, ours"), ("exact_ours_loop_s", "exact, one at a time"), ("attribution_ours_s", "attribution, ours")]:
-        figure.add_scatter(
-            x=[r["n_positions_swept"] for r in positions], y=[r[key] for r in positions], name=label, legendgroup=label,
-            showlegend=key == "exact_ours_loop_s", mode="lines+markers", row=1, col=2,
-        )
+        add(positions, "n_positions_swept", key, label, col=2, showlegend=key == "exact_ours_loop_s")
     figure.update_yaxes(type="log", title_text="seconds (median)")
     figure.update_xaxes(title_text="prompts", row=1, col=1)
     figure.update_xaxes(title_text="positions swept", row=1, col=2)

@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from attribution_course.exercises import NOTEBOOK_STEMS
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # BROWSER_TEST_BOOK points the tests at another book folder (its _build/html), e.g. a scratch build.
 BOOK_DIR = Path(os.environ.get("BROWSER_TEST_BOOK", REPO_ROOT / "book"))
@@ -47,18 +49,9 @@ CHROMIUM_FLAGS = [
 VIEWPORT = {"width": 1366, "height": 900}  # wide enough for the theme to show the primary sidebar
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
-CHAPTERS = [
-    "01_introduction",
-    "02_task_and_metric",
-    "03_exact_ablation",
-    "04_activation_patching",
-    "05_first_order_approximation",
-    "06_getting_the_sign_right",
-    "07_mean_ablation_and_baselines",
-    "08_when_the_approximation_fails",
-    "09_cost",
-]
-EXERCISE_CHAPTERS = CHAPTERS[1:8]  # 02..08 end with a download link to their exercises notebook
+# Chapters 02..08 end with a download link to their exercises notebook, and share its stem.
+EXERCISE_CHAPTERS = list(NOTEBOOK_STEMS)
+CHAPTERS = ["01_introduction", *EXERCISE_CHAPTERS, "09_cost"]
 OTHER_PAGES = ["reference", "bibliography"]
 
 # Pixel thresholds. A channel must move by more than this to count as a changed pixel
