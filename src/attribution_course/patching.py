@@ -811,7 +811,7 @@ def attribution_estimate(
     fam = get_family(family)
     keep = [1 + fam.axes.index(axis) for axis in fam.component_axes]
     per_layer = []
-    for name in sorted(activations, key=_layer_of):
+    for name in sorted(activations, key=layer_of_hook):
         if name not in gradients or name not in replacements:
             raise ValueError(f"hook {name!r} has an activation but no gradient or replacement")
         product = (replacements[name].to(activations[name].dtype) - activations[name]) * gradients[name]
@@ -824,7 +824,8 @@ def attribution_estimate(
     return torch.stack(per_layer)
 
 
-def _layer_of(name: str) -> int:
+def layer_of_hook(name: str) -> int:
+    """The layer of a per-layer hook name: ``blocks.3.attn.hook_z`` -> 3."""
     return int(name.split(".")[1])
 
 

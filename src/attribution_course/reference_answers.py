@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 
-from .patching import Activations
+from .patching import Activations, layer_of_hook
 
 
 def largest_components(effects: Float[torch.Tensor, "..."], k: int) -> list[tuple[int, ...]]:
@@ -31,6 +31,6 @@ def step_norms(acts: Activations, replacements: Activations) -> Float[torch.Tens
 
     ``acts`` and ``replacements`` map ``blocks.{l}.attn.hook_z`` to ``[batch, pos, head, d_head]``.
     """
-    layers = sorted(acts, key=lambda name: int(name.split(".")[1]))
+    layers = sorted(acts, key=layer_of_hook)
     rows = [torch.linalg.vector_norm(replacements[n] - acts[n], dim=(1, 3)).mean(0) for n in layers]
     return torch.stack(rows)
