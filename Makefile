@@ -64,12 +64,7 @@ bench: $(STAMP)
 # Installs Debian's chromium + chromium-driver (apt-get; sudo when not root) and the Python driver if
 # missing, then runs only the browser tests (tests/browser); screenshots go to test-output/browser/.
 browser-test: book
-	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
-	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  echo "browser-test: installing Debian chromium and chromium-driver"; \
-	  $$SUDO apt-get update -qq && \
-	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o Dpkg::Use-Pty=0 chromium chromium-driver >/dev/null; \
-	fi
+	bash .ci/install-chromium
 	@$(BIN)/python -c "import playwright.sync_api, PIL" 2>/dev/null || \
 	  $(BIN)/pip install --quiet $$(grep -iE '^(playwright|greenlet|pillow)==' requirements.lock)
 	REQUIRE_BROWSER_TESTS=1 $(BIN)/python -m pytest -m browser tests/browser

@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 from bs4 import BeautifulSoup
 
+from attribution_course.exercises import NOTEBOOK_STEMS
+
 BOOK = Path(__file__).resolve().parents[1] / "book"
 HTML = BOOK / "_build" / "html"
 
-CHAPTERS = [
-    "01_introduction", "02_task_and_metric", "03_exact_ablation", "04_activation_patching",
-    "05_first_order_approximation", "06_getting_the_sign_right", "07_mean_ablation_and_baselines",
-    "08_when_the_approximation_fails", "09_cost",
-]
+# chapters 02..08 share their stems with the exercise notebooks
+CHAPTERS = ["01_introduction", *NOTEBOOK_STEMS, "09_cost"]
 OTHER_PAGES = ["index", "reference", "bibliography"]
-APPENDIX = [f"appendix/{c}" for c in CHAPTERS[1:8]]
+APPENDIX = [f"appendix/{stem}" for stem in NOTEBOOK_STEMS]
 #: Chapters whose teaching relies on figures.
 CHAPTERS_WITH_FIGURES = CHAPTERS[1:]
 #: Hosts that serve scripts or styles from outside the site.

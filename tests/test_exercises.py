@@ -170,6 +170,8 @@ def test_compare_accepts_other_correct_implementations():
     assert compare(einsum.double(), loops, atol=1e-4, rtol=1e-3)[0]
     assert compare(0.5, torch.tensor(0.5), atol=1e-6, rtol=0)[0]
     assert compare([1, 10], [1, 10], atol=0, rtol=0)[0] and compare(torch.tensor([10]), [10], atol=0, rtol=0)[0]
+    nan = float("nan")  # a reference's "not computed" entries: NaN in both is agreement
+    assert compare(torch.tensor([1.0, nan]), torch.tensor([1.0, nan]), atol=1e-4, rtol=0) == (True, "")
 
 
 @pytest.mark.parametrize(
@@ -181,6 +183,8 @@ def test_compare_accepts_other_correct_implementations():
         (torch.tensor([1.0, -2, 3, -4]), torch.tensor([1.0, 2, 3, 4]), "sign differs on 2 of 4 entries"),
         (16 * torch.arange(1.0, 5), torch.arange(1.0, 5), "16 times the expected"),
         (torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), "1 of 2 entries are NaN"),
+        (torch.tensor([1.0, 5.0]), torch.tensor([1.0, float("nan")]), "1 of 2 entries are NaN"),
+        (torch.tensor([2.0, float("nan")]), torch.tensor([1.0, float("nan")]), "1 of 2 entries are off"),
         (None, torch.zeros(3), "returned None"),
         ({"a": torch.zeros(2)}, {"a": torch.zeros(2), "b": torch.zeros(2)}, "missing keys ['b']"),
         ([[10], [11]], [[10], [10]], "expected [[10], [10]], got [[10], [11]]"),

@@ -292,3 +292,35 @@ def test_learner_cli_names_a_missing_or_broken_file(tmp_path):
     result = subprocess.run([PYTHON, "-m", "attribution_course.grade", str(broken)], env=ENV, capture_output=True, text=True)
     assert result.returncode == 2 and "broken.ipynb" in result.stdout and "MALFORMED" in result.stdout
     assert broken.read_text() == "{ not json"
+
+
+def test_learner_tricks_cannot_change_the_grade(tmp_path):
+    """A redefined check(), a learner's own check() call and a copied graded cell.
+
+    2.1 is left as the stub, but a learner cell before it redefines ``check`` to
+    print the reference line; 2.2 is left as the stub, but a learner cell calls the
+    real ``check("2.2", ...)`` with a function that passes; 2.3 is solved and its
+    graded cell copied (with its tags, as Jupyter copies them) further down.
+    """
+    stem = "02_task_and_metric"
+    cells = exercise_cells(stem)
+    nb = learner_notebook(stem, {"2.3": None, "2.4": None})
+    fake = nbformat.v4.new_code_cell(
+        "def check(exercise, function, *args, name=None, **kwargs):\n"
+        "    print(f'ex {exercise} {name or function.__name__}: PASSED')"
+    )
+    graded_23 = next(i for i, c in enumerate(nb.cells) if grade.exercise_id_of(c) == "2.3")
+    stray = nbformat.v4.new_code_cell(
+        "from attribution_course.checks import check as real_check\n"
+        "real_check('2.2', lambda: 1.0, expected=1.0, name='normalized_logit_diff')"
+    )
+    copied = nbformat.from_dict(nb.cells[graded_23])
+    copied["id"] = "copy-of-graded-2-3"  # Jupyter gives a pasted cell a new id, but keeps its metadata
+    restore = nbformat.v4.new_code_cell("from attribution_course.checks import check")
+    nb.cells = (nb.cells[: cells["2.1"]] + [fake] + nb.cells[cells["2.1"] : cells["2.2"]] + [stray, restore]
+                + nb.cells[cells["2.2"] :] + [copied])
+    path = tmp_path / f"{stem}.ipynb"
+    write(nb, path)
+    result = grade.grade_notebook(path, timeout=240, cell_timeout=60)
+    verdicts = {r.exercise: r.verdict for r in result.exercises}
+    assert verdicts == {"2.1": "wrong", "2.2": "not attempted", "2.3": "passed", "2.4": "passed"}, result

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from attribution_course import bench, patching
+from attribution_course import bench, corrections, patching
 from attribution_course.metrics import logit_diff
 
 KINDS = ["zero", "mean", "resample", "patch"]
@@ -268,6 +268,14 @@ def test_bad_arguments_raise_clear_errors(model, prompts, metric, replacements):
         patching.base_and_source(clean, clean, "forwards")
     with pytest.raises(ValueError, match="families must name"):
         patching.attribution_sweeps(model, clean, metric, [], kind="zero")
+    short = {name: act[:, :-1] for name, act in replacements("head", "zero").items()}
+    with pytest.raises(ValueError, match="has 14 positions on its 'pos' axis but base_tokens have 15"):
+        patching.attribution_sweep(model, clean, metric, short, "head")
+    short_patterns = {name: act[:, :, :, :-1] for name, act in replacements("pattern", "zero").items()}
+    with pytest.raises(ValueError, match="has 14 positions on its 'key' axis"):
+        patching.exact_sweep(model, clean, metric, short_patterns, "pattern")
+    with pytest.raises(ValueError, match="no activation for hook 'blocks.0.hook_mlp_out'"):
+        corrections.integrated_gradients_sweep(model, clean, metric, replacements("head", "zero"), "mlp")
 
 
 # ---------------------------------------------------------------- the benchmark's plumbing

@@ -39,6 +39,12 @@ import torch
 
 VERDICTS_ENV = "ATTRIBUTION_COURSE_VERDICTS"
 
+#: The exercise whose graded cell is running, set by the first line the grader adds to
+#: the graded cells of its copy (see :func:`attribution_course.grade.prepare_graded_copy`).
+#: Only verdicts recorded while it matches count for the grade, so a learner's own
+#: ``check(...)`` calls elsewhere cannot change it.
+graded_cell: str | None = None
+
 PASSED = "PASSED"
 WRONG = "WRONG"
 NOT_ATTEMPTED = "NOT ATTEMPTED"
@@ -99,6 +105,17 @@ def check(
     _record(result)  # returns None, so a notebook shows the printed line and nothing else
 
 
+def _record(result: Verdict) -> None:
+    global graded_cell
+    from_graded_cell = graded_cell == result.exercise
+    graded_cell = None
+    path = os.environ.get(VERDICTS_ENV)
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as out:
+        out.write(json.dumps({**result.__dict__, "from_graded_cell": from_graded_cell}) + "\n")
+
+
 # ---------------------------------------------------------------- comparison
 
 
@@ -157,9 +174,17 @@ def _compare_tensors(got: Any, expected: Any, *, atol: float, rtol: float, what:
         )
     have = have.to(torch.float64)
     want = want.to(torch.float64)
-    nan = torch.isnan(have) & ~torch.isnan(want)
-    if nan.any():
-        return False, f"{what}: {int(nan.sum())} of {want.numel()} entries are NaN"
+    # NaN marks "not computed" in a reference (e.g. positions a sweep skipped): the
+    # learner's value must be NaN exactly there, and everything else is compared
+    nan_mismatch = torch.isnan(have) != torch.isnan(want)
+    if nan_mismatch.any():
+        first = _index_of(nan_mismatch)
+        return False, (
+            f"{what}: {int(nan_mismatch.sum())} of {want.numel()} entries are NaN where the expected value is "
+            f"not, or the other way round; at {first} expected {_fmt(want[first])}, got {_fmt(have[first])}"
+        )
+    both_nan = torch.isnan(want)
+    have, want = have.masked_fill(both_nan, 0.0), want.masked_fill(both_nan, 0.0)
     allowed = atol + rtol * want.abs()
     error = (have - want).abs()
     bad = error > allowed
@@ -296,10 +321,3 @@ def _remove_leftover_hooks(value: Any) -> None:
     if callable(reset) and hasattr(value, "cfg"):
         reset()
 
-
-def _record(result: Verdict) -> None:
-    path = os.environ.get(VERDICTS_ENV)
-    if not path:
-        return
-    with open(path, "a", encoding="utf-8") as out:
-        out.write(json.dumps(result.__dict__) + "\n")

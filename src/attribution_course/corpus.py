@@ -82,8 +82,10 @@ POSITION_LABELS: tuple[str, ...] = (
     "S2", "verb2", "a", "object", "end",
 )
 N_POSITIONS = len(POSITION_LABELS)
-S2_POSITION = 10
-END_POSITION = 14
+NAME1_POSITION = POSITION_LABELS.index("name1")
+NAME2_POSITION = POSITION_LABELS.index("name2")
+S2_POSITION = POSITION_LABELS.index("S2")
+END_POSITION = N_POSITIONS - 1
 
 
 def all_words() -> list[str]:

@@ -26,7 +26,19 @@ from __future__ import annotations
 
 import torch
 
-from .patching import Activations, Family, Metric, Tokens, attribution_estimate, cache_activations, cache_activations_and_gradients, get_family, hook_names
+from .patching import (
+    Activations,
+    Family,
+    Metric,
+    Tokens,
+    attribution_estimate,
+    cache_activations,
+    cache_activations_and_gradients,
+    check_replacements,
+    check_tokens,
+    get_family,
+    hook_names,
+)
 
 
 def relative_error(exact, estimate) -> float:
@@ -82,6 +94,8 @@ def integrated_gradients_sweep(
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     fam = get_family(family)
+    check_tokens(base_tokens, "base_tokens")
+    check_replacements(model, replacements, fam, base_tokens)
     names = hook_names(model, fam)
     batch = base_tokens.shape[0]
     base_activations = cache_activations(model, base_tokens, names)

@@ -49,6 +49,7 @@ import nbformat
 from .checks import NOT_ATTEMPTED, PASSED, VERDICTS_ENV
 from .nbval_watchdog import KERNEL_DIED
 from .exercises import (
+    _CHECK_CALL,
     EXERCISES_DIR,
     GRADED_TAG,
     KERNELSPEC,
@@ -69,7 +70,6 @@ S_GRADED, S_MALFORMED, S_UNKNOWN, S_TIMEOUT, S_CRASHED, S_ERROR = (
     "graded", "malformed", "unknown notebook", "timeout", "kernel crashed", "grader error",
 )
 _NBVAL_TAGS = {NBVAL_CHECK_TAG, "nbval-ignore-output", "nbval-skip", "nbval-raises-exception", "raises-exception"}
-_CHECK_CALL = re.compile(r"\bcheck\(\s*\"(\d+\.\d+)\"")
 _ANSI = re.compile(r"(\x1b|#x1B)\[[0-9;]*m")  # junit xml escapes ESC as "#x1B"
 
 
@@ -169,7 +169,8 @@ def prepare_graded_copy(
             nb.cells.append(_reference_cell(by_id[ex_id]))
         elif cell.cell_type == "code":
             learner_cell = nbformat.v4.new_code_cell(source=cell.source)
-            tags = [t for t in cell.get("metadata", {}).get("tags", []) if t not in _NBVAL_TAGS]
+            # a copy of a graded cell (Jupyter copies its tags) is the learner's cell, not a graded one
+            tags = [t for t in cell.get("metadata", {}).get("tags", []) if t not in _NBVAL_TAGS | {GRADED_TAG}]
             if tags:
                 learner_cell.metadata["tags"] = tags
             nb.cells.append(learner_cell)
@@ -185,8 +186,14 @@ def prepare_graded_copy(
     return nb, graded, missing
 
 
+#: First line of every graded cell in the grader's copy: it marks the verdict that follows
+#: as the graded cell's own (``checks.graded_cell``). It prints nothing, so nbval's
+#: comparison with the reference output is unchanged.
+_GRADED_CELL_MARK = "import attribution_course.checks as _grading_checks; _grading_checks.graded_cell = {id!r}\n"
+
+
 def _reference_cell(ref: ReferenceExercise) -> nbformat.NotebookNode:
-    cell = nbformat.v4.new_code_cell(source=ref.cell.source)
+    cell = nbformat.v4.new_code_cell(source=_GRADED_CELL_MARK.format(id=ref.id) + ref.cell.source)
     cell.metadata = nbformat.NotebookNode(tags=[GRADED_TAG, NBVAL_CHECK_TAG], **{METADATA_KEY: dict(ref.cell.metadata[METADATA_KEY])})
     cell.outputs = nbformat.from_dict(ref.cell.outputs)
     cell.execution_count = ref.cell.execution_count
@@ -280,7 +287,8 @@ def _read_records(path: Path) -> dict[str, dict]:
         for line in path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
-                records[record["exercise"]] = record
+                if record["from_graded_cell"]:  # a learner's own check() calls do not count
+                    records[record["exercise"]] = record
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue
     return records
@@ -312,8 +320,8 @@ def _exercise_result(
         if record["verdict"] == PASSED:
             return result(V_WRONG, "the check passed, but the cell's output differs from the reference: " + _short(message))
         return result(V_WRONG, record.get("detail", ""))
-    if status == "passed":
-        return result(V_PASSED)
+    if status == "passed":  # the expected line was printed, but not by the course's check()
+        return result(V_WRONG, "the graded cell printed the expected line, but the course's check() did not run in it (was `check` redefined?)")
     if status is None:
         return result(V_NOT_GRADED, "the check cell was never run")
     if _DIED_HERE in message:

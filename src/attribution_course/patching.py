@@ -80,7 +80,6 @@ FAMILIES: dict[str, Family] = {
     "attn_pos": Family("attn_pos", "blocks.{layer}.hook_attn_out", ("pos", "d_model"), ("pos",)),
 }
 
-FamilyName = Literal["head", "head_pos", "pattern", "resid_pos", "mlp", "mlp_pos", "attn_pos"]
 
 
 def get_family(family: str | Family) -> Family:
@@ -116,13 +115,13 @@ def component_index(family: Family, component: tuple[int, ...]) -> tuple:
 # ---------------------------------------------------------------- checks
 
 
-def _check_tokens(tokens, argument: str) -> None:
+def check_tokens(tokens, argument: str) -> None:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
         raise ValueError(f"{argument} must be an integer tensor of shape [batch, pos], got {shape}")
 
 
-def _check_replacements(model, replacements: Activations, family: Family, base_tokens: Tokens) -> None:
+def check_replacements(model, replacements: Activations, family: Family, base_tokens: Tokens) -> None:
     """Every layer's replacement exists and has the base run's batch and position sizes."""
     for name in hook_names(model, family):
         if name not in replacements:
@@ -130,11 +129,18 @@ def _check_replacements(model, replacements: Activations, family: Family, base_t
                 f"replacements hold no activation for hook {name!r} (family {family.name!r}); "
                 "build them with replacement_activations(model, family, ...) for the same family"
             )
-        if replacements[name].shape[0] != base_tokens.shape[0]:
+        shape = replacements[name].shape
+        if shape[0] != base_tokens.shape[0]:
             raise ValueError(
-                f"replacements[{name!r}] has batch size {replacements[name].shape[0]} but base_tokens has "
+                f"replacements[{name!r}] has batch size {shape[0]} but base_tokens has "
                 f"{base_tokens.shape[0]} prompts; build the replacements for these base tokens"
             )
+        for dim, axis in enumerate(family.axes, start=1):
+            if axis in ("pos", "query", "key") and shape[dim] != base_tokens.shape[1]:
+                raise ValueError(
+                    f"replacements[{name!r}] has {shape[dim]} positions on its {axis!r} axis but base_tokens "
+                    f"have {base_tokens.shape[1]}; build the replacements for these base tokens"
+                )
 
 
 # ---------------------------------------------------------------- caching
@@ -278,7 +284,7 @@ def replacement_activations(
       (other prompts for resampling, the corrupted or clean twins for patching).
     """
     names = hook_names(model, family)
-    _check_tokens(base_tokens, "base_tokens")
+    check_tokens(base_tokens, "base_tokens")
     _check_kind(kind, source_tokens, base_tokens)
     if kind == "zero":
         base = cache_activations(model, base_tokens[:1], names)
@@ -471,8 +477,8 @@ def exact_sweep(
     from tqdm.auto import tqdm
 
     fam = get_family(family)
-    _check_tokens(base_tokens, "base_tokens")
-    _check_replacements(model, replacements, fam, base_tokens)
+    check_tokens(base_tokens, "base_tokens")
+    check_replacements(model, replacements, fam, base_tokens)
     if engine not in ("auto", "prefix", "stacked", "loop"):
         raise ValueError(f"engine must be 'auto', 'prefix', 'stacked' or 'loop', got {engine!r}")
     if variants_per_pass is not None and variants_per_pass < 1:
@@ -838,8 +844,8 @@ def attribution_sweep(
 ) -> torch.Tensor:
     """Attribution for every component of ``family``: one forward and one backward pass."""
     fam = get_family(family)
-    _check_tokens(base_tokens, "base_tokens")
-    _check_replacements(model, replacements, fam, base_tokens)
+    check_tokens(base_tokens, "base_tokens")
+    check_replacements(model, replacements, fam, base_tokens)
     names = hook_names(model, fam)
     _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
     return attribution_estimate(activations, gradients, replacements, fam)
@@ -871,7 +877,7 @@ def attribution_sweeps(
     if not families:
         raise ValueError("families must name at least one component family")
     fams = [get_family(f) for f in families]
-    _check_tokens(base_tokens, "base_tokens")
+    check_tokens(base_tokens, "base_tokens")
     _check_kind(kind, source_tokens, base_tokens)
     names = list(dict.fromkeys(name for fam in fams for name in hook_names(model, fam)))
     if kind in ("patch", "resample") or (kind == "mean" and source_tokens is not None):
@@ -880,8 +886,8 @@ def attribution_sweeps(
     if kind == "zero":
         replacements = zero_replacement(activations)
     elif kind == "mean":
-        replacements = mean_replacement(activations if source_tokens is None else source)
-        replacements = {n: a[:1].expand_as(activations[n]) for n, a in replacements.items()}
+        means = activations if source_tokens is None else source
+        replacements = {n: means[n].mean(0, keepdim=True).expand_as(activations[n]) for n in names}
     else:
         replacements = source
     results = {}

@@ -149,7 +149,9 @@ def heatmap(
     z = _numpy(values)
     if z.shape != (len(y_labels), len(x_labels)):
         raise ValueError(f"heatmap values have shape {z.shape} but the labels give {(len(y_labels), len(x_labels))}")
-    limit = float(np.abs(z).max()) or 1.0
+    # NaN cells (components a sweep skipped) must not set the colour scale
+    limit = float(np.nan_to_num(np.nanmax(np.abs(z)), nan=0.0)) if np.isfinite(z).any() else 0.0
+    limit = limit or 1.0
     fig = go.Figure(
         go.Heatmap(
             z=z,

@@ -162,7 +162,8 @@ def make_ioi_prompts(
         corrupt_s2 = c if corruption == "abc" else io
         clean = fill_template(template, a, b, s, place, obj)
         corrupted = fill_template(template, a, b, corrupt_s2, place, obj)
-        rows.append((clean, corrupted, io, s, 2 if abba else 4, 4 if abba else 2))
+        first, second = corpus.NAME1_POSITION, corpus.NAME2_POSITION
+        rows.append((clean, corrupted, io, s, first if abba else second, second if abba else first))
 
     clean_ids = [encode_prompt(tokenizer, r[0]) for r in rows]
     corrupt_ids = [encode_prompt(tokenizer, r[1]) for r in rows]

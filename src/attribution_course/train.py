@@ -24,6 +24,7 @@ import torch
 
 from . import corpus
 from .model import SHIPPED_MODEL_DIR
+from .prompts import fill_template
 
 #: Architecture of the shipped model.
 ARCHITECTURE = dict(n_layer=4, n_head=4, n_embd=128, n_positions=32)
@@ -57,7 +58,7 @@ def training_sentence(rng: random.Random) -> str:
         template = rng.choice(corpus.TRAIN_TEMPLATES)
         io, s = rng.sample(corpus.TRAIN_NAMES, 2)
         a, b = (io, s) if rng.random() < 0.5 else (s, io)
-        text = template.format(A=a, B=b, S=s, PLACE=rng.choice(corpus.PLACES), OBJECT=rng.choice(corpus.OBJECTS))
+        text = fill_template(template, a, b, s, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))
         return f"{text} {io} ."
     template = rng.choice(corpus.FILLER_TEMPLATES)
     name = rng.choice(corpus.TRAIN_NAMES + corpus.TEST_NAMES)
