@@ -204,26 +204,23 @@ LOOP = ["import time", "while True:", "    time.sleep(0.2)"]
 UNINTERRUPTIBLE_LOOP = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", *LOOP]
 
 
-def _replace_stub(stem: str, answers: dict[str, list[str] | None]) -> nbformat.NotebookNode:
-    return learner_notebook(stem, answers)
-
 
 def test_batch_cli_on_mixed_submissions(tmp_path):
     stem = "02_task_and_metric"
     ids = list(exercise_cells(stem))  # 2.1 .. 2.4
     folder = tmp_path / "submissions"
     write(filled(stem), folder / "alice" / f"{stem}.ipynb")  # correct
-    write(_replace_stub(stem, {ids[0]: None, ids[1]: None, ids[2]: ["return (values - clean_value) / (clean_value - corrupted_value)"]}),
+    write(learner_notebook(stem, {ids[0]: None, ids[1]: None, ids[2]: ["return (values - clean_value) / (clean_value - corrupted_value)"]}),
           folder / "bob" / f"{stem}.ipynb")  # partial: two right, one wrong, one not attempted
     (folder / "carol").mkdir(parents=True)
     text = ex.exercise_path(stem).read_text()
     (folder / "carol" / f"{stem}.ipynb").write_text(text[: len(text) // 2])  # malformed JSON
     # infinite loops sleep rather than spin, so that they do not slow the other worker down
-    write(_replace_stub(stem, {ids[0]: None, ids[1]: LOOP, ids[2]: None, ids[3]: None}),
+    write(learner_notebook(stem, {ids[0]: None, ids[1]: LOOP, ids[2]: None, ids[3]: None}),
           folder / "dave" / f"{stem}.ipynb")  # an infinite loop that an interrupt stops
-    write(_replace_stub(stem, {ids[0]: UNINTERRUPTIBLE_LOOP}),
+    write(learner_notebook(stem, {ids[0]: UNINTERRUPTIBLE_LOOP}),
           folder / "erin" / f"{stem}.ipynb")  # an infinite loop that ignores interrupts: the kernel must be stopped
-    write(_replace_stub(stem, {ids[0]: None, ids[1]: ["import os", "os._exit(1)"]}),
+    write(learner_notebook(stem, {ids[0]: None, ids[1]: ["import os", "os._exit(1)"]}),
           folder / "frank" / f"{stem}.ipynb")  # crashes the kernel
     stranger = nbformat.v4.new_notebook()
     stranger.cells = [nbformat.v4.new_code_cell("print('my own notes')")]

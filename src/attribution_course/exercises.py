@@ -317,12 +317,13 @@ def check(stems: list[str]) -> list[str]:
         path = solution_path(stem)
         try:
             solution = read_notebook(path)
-            if notebook_text(canonicalize(solution, stem, path)) != notebook_text(solution):
+            canonical = canonicalize(solution, stem, path)
+            if notebook_text(canonical) != notebook_text(solution):
                 problems.append(f"{path}: not in canonical form; run `python -m attribution_course.exercises generate`")
             unrun = [i for i, c in enumerate(solution.cells) if c.cell_type == "code" and c.execution_count is None]
             if unrun:
                 problems.append(f"{path}: code cells {unrun} were never executed; run generate")
-            expected = notebook_text(make_exercise_notebook(canonicalize(solution, stem, path), stem, path))
+            expected = notebook_text(make_exercise_notebook(canonical, stem, path))
         except NotebookFormatError as err:
             problems.append(str(err))
             continue
