@@ -18,6 +18,7 @@ import json
 import platform
 import random
 import time
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,10 +27,54 @@ from . import corpus
 from .model import SHIPPED_MODEL_DIR
 from .prompts import fill_template
 
-#: Architecture of the shipped model.
-ARCHITECTURE = dict(n_layer=4, n_head=4, n_embd=128, n_positions=32)
 #: Standard deviation of the fixed random embedding of every name.
 NAME_EMBEDDING_STD = 0.1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that decides the trained weights (with the seed).
+
+    The defaults are the shipped model's recipe; every field is a flag of
+    ``python -m attribution_course.train`` so that other recipes can be tried
+    and compared (see ``docs/negative_head_search.md``).
+    """
+
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    dropout: float = 0.0
+    ioi_fraction: float = 0.8
+    hedge_s: float = 0.0
+    hedge_new: float = 0.0
+    abc_new: float = 0.0
+    #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
+    extra_data_from: float = 0.0
+    #: A second phase of this many steps, with its own one-cycle schedule peaking at ``phase2_lr``,
+    #: after the first ``steps``. When it is set, the hedging and ABC sentences are used in it
+    #: only: the IOI circuit forms first on clean data, then adapts to them.
+    phase2_steps: int = 0
+    phase2_lr: float = 1e-3
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps + self.phase2_steps
+
+    def at_step(self, step: int) -> "Recipe":
+        """The data recipe in force at ``step``: hedging and ABC sentences only from their start."""
+        extra_from = self.steps if self.phase2_steps else self.extra_data_from * self.steps
+        if step >= extra_from:
+            return self
+        return replace(self, hedge_s=0.0, hedge_new=0.0, abc_new=0.0)
+
+    @property
+    def architecture(self) -> dict:
+        return dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, n_positions=32)
 
 
 def build_tokenizer():
@@ -52,14 +97,29 @@ def build_tokenizer():
     )
 
 
-def training_sentence(rng: random.Random) -> str:
-    """One training sentence: an IOI sentence with its answer (80%) or a filler sentence."""
-    if rng.random() < 0.8:
+def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
+    """One training sentence: an IOI-template sentence with its continuation, or a filler sentence.
+
+    A share ``recipe.abc_new`` of the IOI-template sentences repeat no name (the
+    second subject is a third name C, as in the ABC corruption) and continue
+    with a fourth name: the names in context are *not* the next token, the data
+    copy suppression is made for. The other IOI sentences continue with the
+    indirect object, except for a share ``recipe.hedge_s`` that continues with
+    the subject and a share ``recipe.hedge_new`` that continues with a name not
+    in the sentence (data that reward hedging, not maximal confidence).
+    """
+    if rng.random() < recipe.ioi_fraction:
         template = rng.choice(corpus.TRAIN_TEMPLATES)
-        io, s = rng.sample(corpus.TRAIN_NAMES, 2)
+        place, obj = rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
+        if recipe.abc_new and rng.random() < recipe.abc_new:
+            a, b, c, new = rng.sample(corpus.TRAIN_NAMES, 4)
+            return f"{fill_template(template, a, b, c, place, obj)} {new} ."
+        io, s, other = rng.sample(corpus.TRAIN_NAMES, 3)
         a, b = (io, s) if rng.random() < 0.5 else (s, io)
-        text = fill_template(template, a, b, s, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))
-        return f"{text} {io} ."
+        text = fill_template(template, a, b, s, place, obj)
+        roll = rng.random()
+        answer = s if roll < recipe.hedge_s else other if roll < recipe.hedge_s + recipe.hedge_new else io
+        return f"{text} {answer} ."
     template = rng.choice(corpus.FILLER_TEMPLATES)
     name = rng.choice(corpus.TRAIN_NAMES + corpus.TEST_NAMES)
     return template.format(A=name, PLACE=rng.choice(corpus.PLACES), OBJECT=rng.choice(corpus.OBJECTS))
@@ -99,37 +159,72 @@ def evaluate(model, tokenizer, n_prompts: int = 600, seed: int = 1234) -> dict:
     return results
 
 
-def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -> dict:
+def _training_state(model, optimizer, schedule, rng: random.Random, step: int) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": rng.getstate(),
+        "step": step,
+    }
+
+
+def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, checkpoint_at: int | None = None,
+          resume: Path | None = None) -> dict:
+    """Train with ``recipe``, write the model, its card and ``training_info.json`` to ``out_dir``.
+
+    ``checkpoint``/``checkpoint_at`` save the whole training state (weights, optimiser, schedule,
+    both random generators) before step ``checkpoint_at``; ``resume`` continues from such a file.
+    They let a recipe search branch several data recipes off one shared first phase (see
+    ``Recipe.extra_data_from``) instead of repeating it; the shipped model is trained straight through.
+    """
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # One thread: the same seed then gives the same weights on any machine,
     # whatever its core count (parallel reductions change the rounding).
     torch.set_num_threads(1)
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    steps, batch_size, lr = recipe.steps, recipe.batch_size, recipe.lr
     tokenizer = build_tokenizer()
     config = GPT2Config(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        **ARCHITECTURE,
+        resid_pdrop=recipe.dropout,
+        embd_pdrop=recipe.dropout,
+        attn_pdrop=recipe.dropout,
+        **recipe.architecture,
     )
     model = GPT2LMHeadModel(config)
     name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
     embedding = model.transformer.wte.weight  # tied with the unembedding
     fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
+    first_step = 0
+    if resume is not None:
+        state = torch.load(resume, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        rng.setstate(state["python_rng"])
+        first_step = state["step"]
     start = time.perf_counter()
     model.train()
-    for step in range(steps):
+    for step in range(first_step, recipe.total_steps):
+        if checkpoint is not None and step == checkpoint_at:
+            torch.save(_training_state(model, optimizer, schedule, rng, step), checkpoint)
+        if step == steps:  # the second phase starts with a fresh warm-up and decay
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=recipe.phase2_lr, total_steps=recipe.phase2_steps, pct_start=0.05
+            )
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
-        ids, mask = encode_batch(tokenizer, [training_sentence(rng) for _ in range(batch_size)], length)
+        ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
         logits = model(ids).logits[:, :-1]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -138,38 +233,98 @@ def train(out_dir: Path, *, steps: int, batch_size: int, lr: float, seed: int) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % 250 == 0 or step == steps - 1:
+        if step % 250 == 0 or step == recipe.total_steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
     with torch.no_grad():
         embedding[name_ids] = fixed_name_embeddings
     model.eval()
     results = evaluate(model, tokenizer)
+    heads = survey(model, tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     info = {
-        "architecture": ARCHITECTURE,
+        "recipe": asdict(recipe),
+        "architecture": recipe.architecture,
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "steps": steps,
         "batch_size": batch_size,
         "lr": lr,
-        "seed": seed,
+        "seed": recipe.seed,
         "train_seconds": round(train_seconds, 1),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "machine": platform.machine(),
         "evaluation": results,
+        "head_survey": heads,
     }
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(info))
     return info
 
 
+#: Held-out prompts for the per-head survey of the model card (and of tests/test_shipped_model.py).
+SURVEY_PROMPTS = dict(n_prompts=200, split="test", seed=1234)
+
+
+def survey(model, tokenizer) -> dict:
+    """The per-head survey of the model card: what each head reads, writes and is worth (JSON-ready)."""
+    from .head_survey import survey_heads
+    from .prompts import make_ioi_prompts
+
+    result = survey_heads(model, make_ioi_prompts(tokenizer, **SURVEY_PROMPTS))
+    n_layer, n_head = result.zero_ablation_effect.shape
+    rows = []
+    for layer in range(n_layer):
+        for head in range(n_head):
+            rows.append({
+                "head": f"L{layer}H{head}",
+                "attention_to_io": round(result.attention_to_io[layer, head].item(), 4),
+                "attention_to_s1": round(result.attention_to_s1[layer, head].item(), 4),
+                "attention_to_s2": round(result.attention_to_s2[layer, head].item(), 4),
+                "direct_logit_attribution": round(result.direct_logit_attribution[layer, head].item(), 4),
+                "zero_ablation_effect": round(result.zero_ablation_effect[layer, head].item(), 4),
+                "minus_a_grad": round(result.zero_ablation_estimate[layer, head].item(), 4),
+                "negative_name_mover_criteria": result.negative_name_mover_criteria(layer, head),
+            })
+    return {
+        "prompts": SURVEY_PROMPTS,
+        "clean_logit_diff": round(result.clean_logit_diff, 4),
+        "heads": rows,
+        "negative_name_movers": [f"L{l}H{h}" for l, h in result.negative_name_movers()],
+    }
+
+
+def survey_table(heads: dict) -> str:
+    """The survey as a Markdown table, one row per head."""
+    lines = [
+        "| head | attention to IO | to S1 | to S2 | direct logit attribution | exact zero ablation | $-a\\cdot\\partial M/\\partial a$ | negative name mover |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in heads["heads"]:
+        passed = row["negative_name_mover_criteria"]
+        verdict = "**yes**" if all(passed.values()) else f"{sum(passed.values())}/4"
+        lines.append(
+            f"| {row['head']} | {row['attention_to_io']:.2f} | {row['attention_to_s1']:.2f} | {row['attention_to_s2']:.2f} "
+            f"| {row['direct_logit_attribution']:+.3f} | {row['zero_ablation_effect']:+.3f} | {row['minus_a_grad']:+.3f} | {verdict} |"
+        )
+    return "\n".join(lines)
+
+
 def model_card(info: dict) -> str:
     test, train_ = info["evaluation"]["test"], info["evaluation"]["train"]
-    a = info["architecture"]
+    a, r, heads = info["architecture"], info["recipe"], info["head_survey"]
+    if r["hedge_s"] or r["hedge_new"]:
+        hedging = (
+            f"each continues with its IO name, except {r['hedge_s']:.0%} that continue with the subject and "
+            f"{r['hedge_new']:.0%} with a name that is not in the sentence, so the data reward hedging, not certainty."
+        )
+    else:
+        hedging = "each continues with its IO name."
+    movers = ", ".join(heads["negative_name_movers"]) or "none"
+    largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
     return f"""# The course's IOI model
 
 Written by `python -m attribution_course.train` (do not edit by hand; rerun the script).
@@ -183,17 +338,18 @@ so every name is a single token.
 
 ## What it was trained on
 Synthetic sentences generated on the fly (`attribution_course.corpus`, seed {info['seed']}):
-80% indirect-object-identification (IOI) sentences from {len(corpus.TRAIN_TEMPLATES)} training templates with
-{len(corpus.TRAIN_NAMES)} training names, both ABBA and BABA orders, {len(corpus.PLACES)} places and {len(corpus.OBJECTS)} objects,
-each followed by its answer; 20% filler sentences (such as "a bag was given to Joe .") that
+{r['ioi_fraction']:.0%} indirect-object-identification (IOI) sentences from {len(corpus.TRAIN_TEMPLATES)} training templates with
+{len(corpus.TRAIN_NAMES)} training names, both ABBA and BABA orders, {len(corpus.PLACES)} places and {len(corpus.OBJECTS)} objects;
+{hedging}
+The rest are filler sentences (such as "a bag was given to Joe .") that
 mention every name, including the {len(corpus.TEST_NAMES)} held-out names, which never appear in a
 training IOI sentence. Every name has a random embedding (standard deviation
 {NAME_EMBEDDING_STD}) that training never updates and redraws at every step, so the model
 cannot memorise per-name answers and must learn a mechanism that works for any name
 vector; the saved weights carry one more seeded draw. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
-Next-token cross-entropy on every position, AdamW (lr {info['lr']}, one-cycle schedule),
-{info['steps']} steps of {info['batch_size']} sentences, no dropout: {info['train_seconds']} s on
-{info['torch_threads']} CPU threads (torch {info['torch_version']}).
+Next-token cross-entropy on every position, AdamW (lr {info['lr']}, weight decay {r['weight_decay']}, one-cycle schedule),
+{info['steps']} steps of {info['batch_size']} sentences, dropout {r['dropout']}: {info['train_seconds']} s on
+{info['torch_threads']} CPU thread(s) (torch {info['torch_version']}). The full recipe is in `training_info.json`.
 
 ## How well it does
 On {test['n_prompts']} held-out prompts (test names in test templates, alternating ABBA/BABA, seed 1234):
@@ -206,6 +362,21 @@ On {test['n_prompts']} held-out prompts (test names in test templates, alternati
 | smallest logit difference | {test['min_logit_diff']:.2f} | {train_['min_logit_diff']:.2f} |
 | mean logit difference on ABC-corrupted prompts | {test['abc_corrupted_mean_logit_diff']:.2f} | {train_['abc_corrupted_mean_logit_diff']:.2f} |
 
+## What its heads do
+On {heads['prompts']['n_prompts']} held-out prompts (seed {heads['prompts']['seed']}; clean logit difference {heads['clean_logit_diff']:.2f}),
+measured on the plain `transformers` model by `attribution_course.head_survey`: attention from the final
+position to the IO name and to the two subject tokens, the head's direct logit attribution to
+`logit(IO) - logit(S)` (final LayerNorm scale frozen), the exact change in the logit difference when the
+head writes nothing (its whole output, value bias included, zeroed) and the first-order estimate of that
+change, $-a\\cdot\\partial M/\\partial a$. The largest |zero-ablation effect| is {largest:.3f}.
+
+A head counts as a **negative name mover** if it passes all four tests: mean attention to IO at least
+0.3 and more than to S1 and S2 together; negative direct logit attribution; removing it raises the logit
+difference by at least 10% of the largest |head effect|; $-a\\cdot\\partial M/\\partial a > 0$ (so the mistaken
+$+a\\cdot\\partial M/\\partial a$ calls it a supporting head). Negative name movers: **{movers}**.
+
+{survey_table(heads)}
+
 ## Limits
 It knows only this tiny vocabulary and these sentence shapes; it is a teaching object for
 localisation methods, not a language model. Its circuit need not match GPT-2 small's IOI circuit.
@@ -215,12 +386,14 @@ localisation methods, not a language model. Its circuit need not match GPT-2 sma
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="output directory (default: the shipped model)")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    for field in fields(Recipe):
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}[field.type], default=field.default)
+    parser.add_argument("--checkpoint", type=Path, help="save the training state here (recipe searches)")
+    parser.add_argument("--checkpoint-at", type=int, help="... before this step")
+    parser.add_argument("--resume", type=Path, help="continue from a saved training state")
     args = parser.parse_args(argv)
-    info = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
+    info = train(args.out, recipe, checkpoint=args.checkpoint, checkpoint_at=args.checkpoint_at, resume=args.resume)
     print(json.dumps(info["evaluation"], indent=2))
 
 

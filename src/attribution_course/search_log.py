@@ -1,0 +1,92 @@
+"""The log of the training recipes tried in the search for a negative name mover.
+
+Each attempt is a ``training_info.json`` written by ``python -m attribution_course.train``
+(its recipe, held-out evaluation and per-head survey), copied to
+``docs/negative_head_search/NAME.json``. This module turns them into the table of
+``docs/negative_head_search.md``::
+
+    python -m attribution_course.search_log docs/negative_head_search/*.json \\
+        --out docs/negative_head_search.md
+
+so every number in the log comes from a training run, not from an edit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .train import Recipe
+
+CRITERIA = (
+    ("attends_to_io", "attends to IO"),
+    ("negative_direct_logit_attribution", "DLA < 0"),
+    ("removal_helps_by_10_percent", "removal helps ≥ 10%"),
+    ("minus_a_grad_right_sign", "−a·∂M/∂a > 0"),
+)
+
+
+def recipe_changes(recipe: dict) -> str:
+    """The recipe's differences from the shipped defaults, e.g. ``hedge_s=0.25, n_layer=6``."""
+    defaults = asdict(Recipe())
+    changed = [f"{key}={value}" for key, value in recipe.items() if defaults.get(key) != value]
+    return ", ".join(changed) or "(shipped defaults)"
+
+
+def best_candidate(heads: list[dict]) -> dict:
+    """The head that passes most criteria, ties broken by the largest zero-ablation gain."""
+    return max(heads, key=lambda row: (sum(row["negative_name_mover_criteria"].values()), row["zero_ablation_effect"]))
+
+
+def log_row(name: str, info: dict) -> str:
+    survey, test = info["head_survey"], info["evaluation"]["test"]
+    heads = survey["heads"]
+    largest = max(abs(row["zero_ablation_effect"]) for row in heads)
+    best = best_candidate(heads)
+    missing = [label for key, label in CRITERIA if not best["negative_name_mover_criteria"][key]]
+    return (
+        f"| {name} | {recipe_changes(info['recipe'])} | {test['top1_accuracy']:.1%} | {test['mean_logit_diff']:.2f} "
+        f"| {best['head']}: IO {best['attention_to_io']:.2f} / S {best['attention_to_s1'] + best['attention_to_s2']:.2f}, "
+        f"DLA {best['direct_logit_attribution']:+.3f}, removal {best['zero_ablation_effect']:+.3f} "
+        f"({best['zero_ablation_effect'] / largest:+.0%} of largest), −a·∂M/∂a {best['minus_a_grad']:+.3f} "
+        f"| {', '.join(missing) or '—'} | {', '.join(survey['negative_name_movers']) or 'none'} | {info['train_seconds']} s |"
+    )
+
+
+def search_log(paths: list[Path]) -> str:
+    lines = [
+        "# The search for a negative name mover",
+        "",
+        "Written by `python -m attribution_course.search_log` from the `training_info.json` of each run",
+        "(`docs/negative_head_search/*.json`); do not edit by hand. Each run is",
+        "`python -m attribution_course.train --out DIR` with the flags in the *recipe* column (seed 0, one",
+        "thread), surveyed on 200 held-out prompts by `attribution_course.head_survey`. *Best candidate* is",
+        "the head passing most of the four criteria of the model card; *fails* lists the criteria it misses.",
+        "Training time is wall time on a machine shared with other jobs. `r0_previous_shipped_model` is the",
+        "model shipped before the search, surveyed afterwards (its IOI sentences drew two names, not three,",
+        "so its recipe column is approximate).",
+        "",
+        "| run | recipe | held-out top-1 | logit diff | best candidate | fails | negative name movers | training |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        lines.append(log_row(path.stem, json.loads(path.read_text())))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path, help="training_info.json files, one per run")
+    parser.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
+    args = parser.parse_args(argv)
+    text = search_log(sorted(args.runs))
+    if args.out:
+        args.out.write_text(text)
+    else:
+        print(text, end="")
+
+
+if __name__ == "__main__":
+    main()
