@@ -87,8 +87,16 @@ def _logit_diff(logits: torch.Tensor, prompts: IOIPrompts) -> torch.Tensor:
 def survey_heads(hf_model, prompts: IOIPrompts) -> HeadSurvey:
     """Measure every head of a ``GPT2LMHeadModel`` on ``prompts`` (see the module doc)."""
     model = hf_model.eval()
-    # Only the eager attention returns its probabilities (SDPA returns none).
+    # Only the eager attention returns its probabilities (SDPA returns none); restored on return.
+    previous_attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
+    try:
+        return _survey(model, prompts)
+    finally:
+        model.set_attn_implementation(previous_attention)
+
+
+def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
     config = model.config
     n_layer, n_head = config.n_layer, config.n_head
     d_head = config.n_embd // n_head
