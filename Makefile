@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv book test lock train bench grade exercises browser-test clean
+.PHONY: venv book test lock train search-log bench grade exercises browser-test clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,10 @@ lock: $(STAMP)
 # Retrain the shipped model (a few minutes on 2 cores).
 train: $(STAMP)
 	$(BIN)/python -m attribution_course.train
+
+# The log of the recipes tried in search of a negative name mover (from each run's training_info.json).
+search-log: $(STAMP)
+	$(BIN)/python -m attribution_course.search_log docs/negative_head_search/*.json --out docs/negative_head_search.md
 
 # ---- graded exercises (issue 4)
 # Re-execute solutions/ (refreshing their stored outputs), regenerate exercises/ from them, verify.

@@ -40,6 +40,20 @@ def best_candidate(heads: list[dict]) -> dict:
     return max(heads, key=lambda row: (sum(row["negative_name_mover_criteria"].values()), row["zero_ablation_effect"]))
 
 
+#: A negative name mover counts only in a model that solves the task (issue 9's bar).
+SOLVES_IOI_TOP1 = 0.95
+
+
+def movers(survey: dict, test: dict) -> str:
+    """The negative name movers, or why heads passing the four tests do not count."""
+    found = ", ".join(survey["negative_name_movers"])
+    if not found:
+        return "none"
+    if test["top1_accuracy"] < SOLVES_IOI_TOP1:
+        return f"none ({found} passes, but the model does not solve IOI: its effects are all tiny)"
+    return f"**{found}**"
+
+
 def log_row(name: str, info: dict) -> str:
     survey, test = info["head_survey"], info["evaluation"]["test"]
     heads = survey["heads"]
@@ -51,7 +65,7 @@ def log_row(name: str, info: dict) -> str:
         f"| {best['head']}: IO {best['attention_to_io']:.2f} / S {best['attention_to_s1'] + best['attention_to_s2']:.2f}, "
         f"DLA {best['direct_logit_attribution']:+.3f}, removal {best['zero_ablation_effect']:+.3f} "
         f"({best['zero_ablation_effect'] / largest:+.0%} of largest), −a·∂M/∂a {best['minus_a_grad']:+.3f} "
-        f"| {', '.join(missing) or '—'} | {', '.join(survey['negative_name_movers']) or 'none'} | {info['train_seconds']} s |"
+        f"| {', '.join(missing) or '—'} | {movers(survey, test)} | {info['train_seconds']} s |"
     )
 
 
@@ -64,9 +78,20 @@ def search_log(paths: list[Path]) -> str:
         "`python -m attribution_course.train --out DIR` with the flags in the *recipe* column (seed 0, one",
         "thread), surveyed on 200 held-out prompts by `attribution_course.head_survey`. *Best candidate* is",
         "the head passing most of the four criteria of the model card; *fails* lists the criteria it misses.",
-        "Training time is wall time on a machine shared with other jobs. `r0_previous_shipped_model` is the",
-        "model shipped before the search, surveyed afterwards (its IOI sentences drew two names, not three,",
-        "so its recipe column is approximate).",
+        "Training time is wall time on a machine shared with other jobs (for resumed runs, the second phase only).",
+        "",
+        "How the runs were made: `r0` is the shipped model, surveyed afterwards; `make train` reproduces it.",
+        "The other runs used the search-time sampler of commit 010988d, which draws the names of an IOI",
+        "sentence in another order (same distribution, other random stream); r1-r3 an earlier draft of it with",
+        "the same distribution. `c2` and `c4` resumed `c1`'s checkpoint at step 1800, `d2`-`d8` resumed `d1`'s",
+        "at step 2000 (`--checkpoint`/`--resume` restore weights, optimiser, schedule and both random",
+        "generators, so the shared first phase is the same as in a straight run). A head that passes the four",
+        "tests counts only in a model that solves IOI (held-out top-1 at least 95%).",
+        "",
+        "Stopped before the end, so not in the table: `r6` (`--abc-new 0.25 --n-layer 5`, stopped near step",
+        "1250 once `r4` showed that ABC sentences from the start keep the IOI circuit from forming), and `c3`",
+        "(`--hedge-s 0.15`) and `c5` (`--hedge-s 0.1 --hedge-new 0.1`), branches of `c1`'s checkpoint stopped",
+        "when that checkpoint turned out to have no IOI circuit yet (held-out top-1 53.5% at step 1800).",
         "",
         "| run | recipe | held-out top-1 | logit diff | best candidate | fails | negative name movers | training |",
         "|---|---|---|---|---|---|---|---|",
@@ -78,10 +103,10 @@ def search_log(paths: list[Path]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="training_info.json files, one per run")
+    parser.add_argument("runs", nargs="+", type=Path, help="training_info.json files, one per run, in the order to list them")
     parser.add_argument("--out", type=Path, help="write the Markdown here instead of printing it")
     args = parser.parse_args(argv)
-    text = search_log(sorted(args.runs))
+    text = search_log(args.runs)
     if args.out:
         args.out.write_text(text)
     else:

@@ -110,15 +110,21 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
     """
     if rng.random() < recipe.ioi_fraction:
         template = rng.choice(corpus.TRAIN_TEMPLATES)
-        place, obj = rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)
         if recipe.abc_new and rng.random() < recipe.abc_new:
             a, b, c, new = rng.sample(corpus.TRAIN_NAMES, 4)
-            return f"{fill_template(template, a, b, c, place, obj)} {new} ."
-        io, s, other = rng.sample(corpus.TRAIN_NAMES, 3)
+            return f"{fill_template(template, a, b, c, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))} {new} ."
+        # Draw in the order of the first shipped model's sampler, so that the default recipe
+        # reproduces its weights bit for bit; the hedging draws come after.
+        io, s = rng.sample(corpus.TRAIN_NAMES, 2)
         a, b = (io, s) if rng.random() < 0.5 else (s, io)
-        text = fill_template(template, a, b, s, place, obj)
-        roll = rng.random()
-        answer = s if roll < recipe.hedge_s else other if roll < recipe.hedge_s + recipe.hedge_new else io
+        text = fill_template(template, a, b, s, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))
+        answer = io
+        if recipe.hedge_s or recipe.hedge_new:
+            roll = rng.random()
+            if roll < recipe.hedge_s:
+                answer = s
+            elif roll < recipe.hedge_s + recipe.hedge_new:
+                answer = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s)])
         return f"{text} {answer} ."
     template = rng.choice(corpus.FILLER_TEMPLATES)
     name = rng.choice(corpus.TRAIN_NAMES + corpus.TEST_NAMES)
@@ -324,6 +330,13 @@ def model_card(info: dict) -> str:
     else:
         hedging = "each continues with its IO name."
     movers = ", ".join(heads["negative_name_movers"]) or "none"
+    search_note = (
+        ""
+        if heads["negative_name_movers"]
+        else "No head passes all four tests on this model: the seed's case (a head whose removal helps, which "
+        "the mistaken sign calls supporting) appears here only in small heads. `docs/negative_head_search.md` "
+        "lists the training recipes tried in search of a negative name mover, with these numbers for each."
+    )
     largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
     return f"""# The course's IOI model
 
@@ -374,6 +387,7 @@ A head counts as a **negative name mover** if it passes all four tests: mean att
 0.3 and more than to S1 and S2 together; negative direct logit attribution; removing it raises the logit
 difference by at least 10% of the largest |head effect|; $-a\\cdot\\partial M/\\partial a > 0$ (so the mistaken
 $+a\\cdot\\partial M/\\partial a$ calls it a supporting head). Negative name movers: **{movers}**.
+{search_note}
 
 {survey_table(heads)}
 
@@ -388,10 +402,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="output directory (default: the shipped model)")
     for field in fields(Recipe):
         parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}[field.type], default=field.default)
+    parser.add_argument("--rewrite-card", action="store_true",
+                        help="only rewrite MODEL_CARD.md in --out from its training_info.json (no training)")
     parser.add_argument("--checkpoint", type=Path, help="save the training state here (recipe searches)")
     parser.add_argument("--checkpoint-at", type=int, help="... before this step")
     parser.add_argument("--resume", type=Path, help="continue from a saved training state")
     args = parser.parse_args(argv)
+    if args.rewrite_card:
+        info = json.loads((args.out / "training_info.json").read_text())
+        (args.out / "MODEL_CARD.md").write_text(model_card(info))
+        return
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
     info = train(args.out, recipe, checkpoint=args.checkpoint, checkpoint_at=args.checkpoint_at, resume=args.resume)
     print(json.dumps(info["evaluation"], indent=2))
