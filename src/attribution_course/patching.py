@@ -299,6 +299,8 @@ def replacement_activations(
     * ``"mean"``: the mean over ``source_tokens`` (default: the base prompts), per position.
     * ``"resample"`` / ``"patch"``: the activations on ``source_tokens`` row by row
       (other prompts for resampling, the corrupted or clean twins for patching).
+      Resample sources from :func:`prompts.make_ioi_prompts` with another seed keep
+      each prompt's ABBA/BABA order (a confound; see that function).
     """
     names = hook_names(model, family)
     check_tokens(base_tokens, "base_tokens")
