@@ -47,7 +47,7 @@ import torch
 from jaxtyping import Float
 
 from .attention_attribution import QKV_FAMILIES, attention_pattern
-from .corrections import integrated_gradients_sweep
+from .corrections import integrated_gradients_activations_sweep
 from .patching import (
     FAMILIES,
     Activations,
@@ -293,19 +293,22 @@ class Comparison:
     exact: dict[str, torch.Tensor]
     estimates: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    def pooled(self, method: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(exact, estimate)`` of every family's components in one flat tensor each."""
-        families = list(self.exact)
+    def pooled(self, method: str, families: Sequence[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(exact, estimate)`` of ``families``' components (default: all) in one flat tensor each."""
+        families = list(self.exact) if families is None else list(families)
         return (
             torch.cat([self.exact[f].flatten() for f in families]),
             torch.cat([self.estimates[f][method].flatten() for f in families]),
         )
 
-    def scores(self, *, k: int, threshold: float = 0.1) -> dict[str, dict[str, float]]:
-        """``{method: {"recall": top-k recall, "false_negatives": count}}`` over all families pooled."""
+    def scores(self, *, k: int, threshold: float = 0.1, families: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
+        """``{method: {"recall": top-k recall, "false_negatives": count}}`` over ``families`` pooled (default: all).
+
+        ``threshold`` is relative to the largest ``|exact|`` among those families (:func:`false_negatives`).
+        """
         table = {}
         for method in METHODS:
-            exact, estimate = self.pooled(method)
+            exact, estimate = self.pooled(method, families)
             table[method] = {
                 "recall": top_k_recall(exact, estimate, k),
                 "false_negatives": int(false_negatives(exact, estimate, threshold=threshold).sum()),
@@ -350,6 +353,6 @@ def compare_estimators(
             "AtP+QK fix": qk,
             "AtP+GradDrop": grad_drop,
             "AtP*": star,
-            "IG": integrated_gradients_sweep(model, base_tokens, metric, replacements, fam, steps=ig_steps),
+            "IG": integrated_gradients_activations_sweep(model, base_tokens, metric, replacements, fam, steps=ig_steps),
         }
     return comparison

@@ -16,10 +16,12 @@ with ``A = softmax(q·k / √d_head)`` (causal). Two ways to look inside it:
   queries from (``q_h`` depends on nothing else), so these families take
   attribution separately through queries, keys and values. In TransformerLens
   4.x's TransformerBridge ``blocks.L.hook_q_input`` / ``hook_k_input`` /
-  ``hook_v_input`` exist but hold the one LayerNorm-ed input every head shares
-  (there is no ``use_split_qkv_input`` switch that gives each head its own copy),
-  so they cannot index a head; ``hook_q`` etc. can, and gradients flow through
-  them (``tests/test_attention_attribution.py``).
+  ``hook_v_input`` are per head too (``[batch, pos, head, d_model]``, before
+  LayerNorm), but only after ``model.set_use_split_qkv_input(True)`` (without
+  it, adding a hook there raises ``ValueError``), a switch of the whole model's
+  state; gradients flow through both. ``hook_q`` etc. need no switch, so the
+  families use them; the estimate through ``hook_q_input`` differs only in
+  also linearising LayerNorm (``tests/test_attention_attribution.py``).
 
 Estimates through queries and keys linearise the softmax; when a pattern is
 saturated the tangent is nearly flat and the estimate misses. :mod:`atp_star`
