@@ -49,7 +49,6 @@ from jaxtyping import Float
 from .attention_attribution import QKV_FAMILIES, attention_pattern
 from .corrections import integrated_gradients_activations_sweep
 from .patching import (
-    FAMILIES,
     Activations,
     Family,
     Metric,

@@ -28,7 +28,7 @@ family        hook                                  zero ablation makes the comp
 ============  ====================================  ==========================================
 head(_pos)    ``attn.hook_z`` (value bias folded)   nothing: ``hook_z = −b_V^eff`` (raw ``z = 0``)
 pattern       ``attn.hook_pattern``                 its value bias still (``z = 0`` in folded
-                                                    coordinates); use :func:`patterns.edge_attribution`
+                                                    coordinates); use :func:`attention_attribution.edge_attribution`
                                                     for a pattern zero that includes the bias
 mlp(_pos)     ``hook_mlp_out`` (incl. ``b_out``)    nothing (up to the all-ones direction,
                                                     which every LayerNorm reading it removes)
