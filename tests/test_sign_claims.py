@@ -20,7 +20,8 @@ def chapter6(model):
     prompts = make_ioi_prompts(model, **CHAPTER_PROMPTS)
     clean = prompts.clean_tokens
     metric = lambda logits: logit_diff(logits, prompts)  # noqa: E731
-    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=clean)
+    # folded zero (hook_z = 0): the chapter's -a·∂M/∂a; the true zero is tested in test_zero_ablation.py
+    zeros = patching.replacement_activations(model, "head", kind="folded_zero", base_tokens=clean)
     exact = patching.exact_sweep(model, clean, metric, zeros, "head")
     names = patching.hook_names(model, "head")
     _, acts, grads = patching.cache_activations_and_gradients(model, clean, metric, names)

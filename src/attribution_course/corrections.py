@@ -14,12 +14,19 @@ its average along the path ``a + α (a' - a)``, ``α ∈ [0, 1]``:
    M(a') - M(a) = (a' - a) · ∫_0^1 ∂M/∂a (a + α (a' - a)) dα,
 
 which is exact for the path it integrates along (fundamental theorem of
-calculus). :func:`integrated_gradients_sweep` moves every component of one
-layer of a family together (as edge attribution patching with integrated
-gradients does), so the equality above holds for the whole layer at once, and
-each component's share is a better, but not exact, estimate of its own effect.
-Cost: ``n_layers`` forward and backward passes over ``steps`` copies of the batch,
-instead of one.
+calculus). :func:`integrated_gradients_activations_sweep` moves every component
+of one layer of a family together, so the equality above holds for the whole
+layer at once, and each component's share is a better, but not exact, estimate
+of its own effect. Cost: ``n_layers`` forward and backward passes over
+``steps`` copies of the batch, instead of one.
+
+Which integrated gradients this is. It interpolates the *activations* of one
+layer at a time, the variant of Marks et al. 2024 (sparse feature circuits),
+called "EAP-IG-activations" in the MIB benchmark (Mueller et al. 2025). It is
+not Hanna et al. 2024's EAP-IG, which interpolates the model's *inputs*
+(token embeddings) from the corrupted to the clean prompt and reads every
+gradient along that one path; the two agree only when the model is linear
+between the two runs.
 """
 
 from __future__ import annotations
@@ -74,7 +81,7 @@ def _chunked_metric(metric: Metric, batch: int, steps: int) -> Metric:
     return summed
 
 
-def integrated_gradients_sweep(
+def integrated_gradients_activations_sweep(
     model,
     base_tokens: Tokens,
     metric: Metric,
@@ -90,6 +97,10 @@ def integrated_gradients_sweep(
     and the gradient is read there (:func:`patching.cache_activations_and_gradients`).
     ``steps=1`` evaluates the gradient half-way; as ``steps`` grows the estimate of
     the whole layer's effect becomes exact. Same shape as :func:`patching.attribution_sweep`.
+
+    This is integrated gradients on the activations (Marks et al. 2024;
+    "EAP-IG-activations" in MIB), not Hanna et al. 2024's input-interpolating
+    EAP-IG (module docstring).
     """
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -117,3 +128,7 @@ def integrated_gradients_sweep(
             _, _, gradients = cache_activations_and_gradients(model, stacked_tokens, summed_metric, [name])
         mean_gradients[name] = gradients[name].reshape(steps, batch, *start.shape[1:]).mean(0)
     return attribution_estimate(base_activations, mean_gradients, replacements, fam)
+
+
+#: The name the chapters use; the same function (integrated gradients on activations, not input EAP-IG).
+integrated_gradients_sweep = integrated_gradients_activations_sweep

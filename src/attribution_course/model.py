@@ -37,7 +37,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str = "
     unless the model is already in the local Hugging Face cache.
 
     Compatibility mode gives the legacy hook names (``blocks.0.attn.hook_z``) and
-    folds LayerNorm weights; eval mode switches dropout off, which would
+    folds LayerNorm weights and value biases (so ``hook_z = 0`` does not
+    silence a head; each head's value bias is recorded first, see
+    :mod:`zero_ablation`); eval mode switches dropout off, which would
     otherwise make every ablation and gradient noisy.
     """
     from transformer_lens.model_bridge import TransformerBridge
@@ -57,6 +59,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str = "
     except Exception as err:  # the hub, safetensors and transformers raise many kinds
         where = f"model directory {source}" if is_local else f"model {source!r}"
         raise ModelLoadError(f"could not load {where}: {type(err).__name__}: {err}") from err
+    from .zero_ablation import record_value_bias
+
+    record_value_bias(model)  # compatibility mode folds the value biases away; true zero ablation needs them
     model.enable_compatibility_mode()
     model.eval()
     return model

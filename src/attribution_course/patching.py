@@ -22,7 +22,10 @@ patching, denoising           corrupted        ``a`` on the clean prompts
 ============================  ===============  =============================
 
 so zero ablation's estimate is ``(0 - a)·∂M/∂a = -a·∂M/∂a``: the minus sign
-is not a convention, it is the direction of the intervention.
+is not a convention, it is the direction of the intervention. "0" means the
+component writes nothing: for a head's ``hook_z``, whose value bias
+compatibility mode folds away, that is ``-b_V^eff`` rather than 0, and the
+estimate is ``(-b_V^eff - a)·∂M/∂a`` (:mod:`zero_ablation`).
 
 A *component family* says which hook holds the activation and how a component
 indexes into it (see :data:`FAMILIES`).
@@ -236,13 +239,22 @@ def cache_activations_and_gradients(
 
 # ---------------------------------------------------------------- replacements
 
-ReplacementKind = Literal["zero", "mean", "resample", "patch"]
-REPLACEMENT_KINDS: tuple[str, ...] = ("zero", "mean", "resample", "patch")
+ReplacementKind = Literal["zero", "folded_zero", "mean", "resample", "patch"]
+REPLACEMENT_KINDS: tuple[str, ...] = ("zero", "folded_zero", "mean", "resample", "patch")
 
 
 def zero_replacement(activations: Activations) -> Activations:
-    """``a' = 0`` for every cached activation."""
+    """``a' = 0`` in the hook's own coordinates, for every cached activation (``kind="folded_zero"``)."""
     return {name: torch.zeros_like(act) for name, act in activations.items()}
+
+
+def _zero_kind_replacement(model, family: Family, kind: str, like: Activations) -> Activations:
+    """``"zero"``: the component writes nothing (:func:`zero_ablation.silent_replacement`); ``"folded_zero"``: zeros."""
+    if kind == "folded_zero":
+        return zero_replacement(like)
+    from .zero_ablation import silent_replacement  # it imports this module
+
+    return silent_replacement(model, family, like)
 
 
 def mean_replacement(activations: Activations) -> Activations:
@@ -252,7 +264,7 @@ def mean_replacement(activations: Activations) -> Activations:
 
 def _check_kind(kind: str, source_tokens: Tokens | None, base_tokens: Tokens) -> None:
     if kind not in REPLACEMENT_KINDS:
-        raise ValueError(f"replacement kind must be 'zero', 'mean', 'resample' or 'patch', got {kind!r}")
+        raise ValueError(f"replacement kind must be one of {', '.join(map(repr, REPLACEMENT_KINDS))}, got {kind!r}")
     if kind in ("resample", "patch"):
         if source_tokens is None:
             raise ValueError(f"replacement kind {kind!r} needs source_tokens")
@@ -278,17 +290,25 @@ def replacement_activations(
 ) -> Activations:
     """Replacement activations for every layer of ``family``, shaped like the base run's.
 
-    * ``"zero"``: zeros.
+    * ``"zero"``: what makes the component write nothing. For head outputs
+      (``hook_z``, whose value bias compatibility mode folds into ``b_O``) that
+      is ``−b_V^eff`` per head, not 0; for every other family, zeros
+      (:mod:`zero_ablation` says which coordinates each family's zero acts on).
+    * ``"folded_zero"``: zeros in the hook's own coordinates (for heads: the
+      head still writes its value bias).
     * ``"mean"``: the mean over ``source_tokens`` (default: the base prompts), per position.
     * ``"resample"`` / ``"patch"``: the activations on ``source_tokens`` row by row
       (other prompts for resampling, the corrupted or clean twins for patching).
+      Resample sources from :func:`prompts.make_ioi_prompts` with another seed keep
+      each prompt's ABBA/BABA order (a confound; see that function).
     """
     names = hook_names(model, family)
     check_tokens(base_tokens, "base_tokens")
     _check_kind(kind, source_tokens, base_tokens)
-    if kind == "zero":
+    if kind in ("zero", "folded_zero"):
         base = cache_activations(model, base_tokens[:1], names)
-        return {n: torch.zeros((base_tokens.shape[0], *a.shape[1:]), dtype=a.dtype) for n, a in base.items()}
+        like = {n: a.expand(base_tokens.shape[0], *a.shape[1:]) for n, a in base.items()}
+        return _zero_kind_replacement(model, get_family(family), kind, like)
     if kind == "mean":
         source = base_tokens if source_tokens is None else source_tokens
         means = cache_activations(model, source, names)
@@ -883,8 +903,11 @@ def attribution_sweeps(
     if kind in ("patch", "resample") or (kind == "mean" and source_tokens is not None):
         source = cache_activations(model, source_tokens, names)
     _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
-    if kind == "zero":
-        replacements = zero_replacement(activations)
+    if kind in ("zero", "folded_zero"):
+        replacements = {}
+        for fam in fams:
+            mine = {n: activations[n] for n in hook_names(model, fam)}
+            replacements.update(_zero_kind_replacement(model, fam, kind, mine))
     elif kind == "mean":
         means = activations if source_tokens is None else source
         replacements = {n: means[n].mean(0, keepdim=True).expand_as(activations[n]) for n in names}

@@ -132,7 +132,13 @@ def make_ioi_prompts(
 ) -> IOIPrompts:
     """Build ``n_prompts`` clean/corrupted IOI prompts, reproducibly from ``seed``.
 
-    Half are ABBA (IO first) and half BABA (subject first), alternating.
+    Half are ABBA (IO first) and half BABA (subject first), alternating:
+    prompt ``i`` is ABBA exactly when ``i`` is even, whatever the seed. So a
+    batch built with another seed, used as the source of a resample ablation,
+    pairs every prompt with one *of the same order*: resampling then keeps the
+    name order (and whatever a component encodes about it) and removes only
+    the rest. That is a confound of every resample ablation built this way;
+    rolling the source batch by one pairs each prompt with the opposite order instead.
     ``split`` picks held-out (``"test"``) or training (``"train"``) names and
     templates; ``templates``/``names`` override it.
 
