@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from attribution_course import patching
+from attribution_course import patching, zero_ablation
 from attribution_course.metrics import accuracy, logit_diff, pearson
 from attribution_course.model import SHIPPED_MODEL_DIR
 from attribution_course.prompts import make_ioi_prompts
@@ -38,13 +38,12 @@ def test_model_card_reports_the_training_run_evaluation():
 def head_zero_ablation(model, test_prompts):
     """Exact zero-ablation effect of every head, and the gradient estimates."""
     metric = lambda logits: logit_diff(logits, test_prompts)  # noqa: E731
-    # folded zero (hook_z = 0, the head still writes its value bias): what chapters 3 and 6 use until they
-    # are rewritten for the true zero (tests/test_zero_ablation.py)
-    zeros = patching.replacement_activations(model, "head", kind="folded_zero", base_tokens=test_prompts.clean_tokens)
+    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=test_prompts.clean_tokens)
     exact = patching.exact_sweep(model, test_prompts.clean_tokens, metric, zeros, "head").flatten()
     names = patching.hook_names(model, "head")
     _, acts, grads = patching.cache_activations_and_gradients(model, test_prompts.clean_tokens, metric, names)
-    minus_a_grad = torch.stack([-(acts[n] * grads[n]).sum((0, 1, 3)) for n in names]).flatten()
+    raw_z = {n: acts[n] + zero_ablation.head_value_bias(model)[l] for l, n in enumerate(names)}  # a: the head's raw z
+    minus_a_grad = torch.stack([-(raw_z[n] * grads[n]).sum((0, 1, 3)) for n in names]).flatten()
     return exact, minus_a_grad
 
 
@@ -54,9 +53,11 @@ def test_hooks_really_ablate_a_head(model, test_prompts, head_zero_ablation):
     strongest = exact.abs().argmax().item()
     layer, head = divmod(strongest, model.cfg.n_heads)
 
+    value_bias = zero_ablation.head_value_bias(model)
+
     def zero_head(z, hook):
         z = z.clone()
-        z[:, :, head] = 0.0
+        z[:, :, head] = -value_bias[layer, head]  # the head writes nothing
         return z
 
     with torch.no_grad():

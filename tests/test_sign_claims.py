@@ -8,7 +8,7 @@ the chapter's own prompts (32 held-out prompts, seed 0) so prose and tests agree
 import pytest
 import torch
 
-from attribution_course import patching
+from attribution_course import attention_attribution, patching, zero_ablation
 from attribution_course.metrics import logit_diff, pearson
 from attribution_course.prompts import make_ioi_prompts
 
@@ -20,14 +20,16 @@ def chapter6(model):
     prompts = make_ioi_prompts(model, **CHAPTER_PROMPTS)
     clean = prompts.clean_tokens
     metric = lambda logits: logit_diff(logits, prompts)  # noqa: E731
-    # folded zero (hook_z = 0): the chapter's -a·∂M/∂a; the true zero is tested in test_zero_ablation.py
-    zeros = patching.replacement_activations(model, "head", kind="folded_zero", base_tokens=clean)
+    # zero ablation silences the head; a is its raw z (hook_z plus the folded value bias), as in the chapter
+    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=clean)
     exact = patching.exact_sweep(model, clean, metric, zeros, "head")
     names = patching.hook_names(model, "head")
     _, acts, grads = patching.cache_activations_and_gradients(model, clean, metric, names)
-    a_dot_grad = torch.stack([(acts[n] * grads[n]).sum(dim=(0, 1, 3)) for n in names])
+    value_bias = zero_ablation.head_value_bias(model)
+    a_dot_grad = torch.stack([((acts[n] + value_bias[l]) * grads[n]).sum(dim=(0, 1, 3)) for l, n in enumerate(names)])
+    folded = -torch.stack([(acts[n] * grads[n]).sum(dim=(0, 1, 3)) for n in names])
     return dict(model=model, prompts=prompts, metric=metric, zeros=zeros, exact=exact,
-                right=-a_dot_grad, wrong=+a_dot_grad)
+                right=-a_dot_grad, wrong=+a_dot_grad, folded_right=folded)
 
 
 def sign_claim_violations(exact, right, wrong) -> list[str]:
@@ -68,9 +70,14 @@ def test_the_shipped_model_has_a_head_whose_removal_helps(chapter6):
 
 
 def test_pattern_attribution_equals_head_zero_ablation_estimate(chapter6):
-    """-A.dM/dA = -z.dM/dz, because a head's output is linear in its attention pattern."""
+    """-A.dM/dA = -z.dM/dz, because a head's output is linear in its attention pattern: with the raw
+    values (value bias included) it is the silent-head estimate; at hook_pattern, whose gradient sees
+    the folded values, it is the estimate of hook_z = 0."""
     c = chapter6
     clean = c["prompts"].clean_tokens
+    edges = attention_attribution.edge_attribution(c["model"], clean, c["metric"])
+    torch.testing.assert_close(edges.sum(dim=(-2, -1)), c["right"], atol=1e-4, rtol=1e-4)
     zero_patterns = patching.replacement_activations(c["model"], "pattern", kind="zero", base_tokens=clean)
     pattern = patching.attribution_sweep(c["model"], clean, c["metric"], zero_patterns, "pattern")
-    torch.testing.assert_close(pattern, c["right"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(pattern, c["folded_right"], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(c["folded_right"], c["right"], atol=1e-3), "the value bias should matter on this model"
