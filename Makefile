@@ -56,7 +56,8 @@ grade: $(STAMP)
 	$(BIN)/python -m attribution_course.grade $(if $(BATCH),--batch "$(BATCH)" --csv "$(or $(CSV),grades.csv)","$(NB)")
 
 # ---- performance (issue 5)
-# Benchmark (a few minutes): writes bench-output/bench.json and bench.md and prints the table.
+# Benchmark (every method 5 times after a warm-up, 8-256 prompts: expect well over ten minutes):
+# writes bench-output/bench.json and bench.md and prints the table.
 # One torch thread by default: timings on a shared 2-core machine are steadier than with two
 # competing threads (the table records the thread count). Override with BENCH_THREADS=2.
 # To refresh the committed copy: make bench BENCH_ARGS="--markdown docs/performance.md --json docs/performance.json"

@@ -281,6 +281,34 @@ def test_bad_arguments_raise_clear_errors(model, prompts, metric, replacements):
 # ---------------------------------------------------------------- the benchmark's plumbing
 
 
+def test_the_plain_transformers_peer_computes_our_exact_sweep(model, prompts, metric):
+    """The benchmark's strongest peer (bare ``transformers`` + hooks) must compute the same numbers to be a peer."""
+    from attribution_course.model import SHIPPED_MODEL_DIR
+
+    base, source = patching.base_and_source(prompts.clean_tokens, prompts.corrupted_tokens, "denoising")
+    reps = patching.replacement_activations(model, "head_pos", kind="patch", base_tokens=base, source_tokens=source)
+    ours = patching.exact_sweep(model, base, metric, reps, "head_pos")
+    bare = bench.bare_model(SHIPPED_MODEL_DIR)
+    peer = bench.peer_exact_head_pos(bare, base, source, prompts.end_position, lambda final: bench.logit_diff_at_read(final, prompts))
+    assert ours.abs().max() > 1e-2
+    assert_close(peer, ours, atol=1e-4, rtol=0)
+
+
+def test_timing_records_wall_and_cpu_time_and_each_calls_own_peak_memory():
+    def allocate_80_mb():
+        return torch.ones(20 * 2**20).sum()  # 20 Mi float32 values
+
+    timings, values = bench.time_interleaved({"big": allocate_80_mb, "small": lambda: torch.ones(10).sum(), "fails": lambda: 1 / 0}, repeats=2)
+    assert values["big"].item() == 20 * 2**20
+    for name in ("big", "small"):
+        assert len(timings[name]["runs_s"]) == len(timings[name]["cpu_runs_s"]) == 2
+        assert timings[name]["cpu_median_s"] >= 0 and timings[name]["median_s"] > 0
+    if timings["big"]["peak_growth_mb"] is not None:  # Linux
+        assert timings["big"]["peak_growth_mb"] >= 70
+        assert timings["small"]["peak_growth_mb"] < 20  # not the process's whole resident set
+    assert not timings["fails"]["available"] and "ZeroDivisionError" in timings["fails"]["reason"]
+
+
 def test_load_results_names_the_file_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="no benchmark results at"):
         bench.load_results(tmp_path / "missing.json")
@@ -298,6 +326,9 @@ def test_quick_benchmark_run_writes_json_markdown_and_a_figure(tmp_path):
     results = bench.load_results(tmp_path / "bench.json")
     assert bench.load_results(copy) == results
     assert results["agreement"]["exact_ours_vs_transformer_lens_max_abs"] < 1e-4
+    assert results["agreement"]["exact_ours_vs_peer_transformers_max_abs"] < 1e-4  # the peer computes the same sweep
+    timed = [t for t in results["timings"].values() if t["available"]]
+    assert all(t["cpu_median_s"] > 0 and len(t["cpu_runs_s"]) == len(t["runs_s"]) for t in timed)
     assert {t["name"] for t in results["targets"]} and all(isinstance(t["met"], bool) for t in results["targets"])
     assert markdown.read_text() == (tmp_path / "bench.md").read_text()
     assert "| exact sweep, ours (prefix engine) |" in markdown.read_text()

@@ -2,8 +2,10 @@
 
 Run ``python -m attribution_course.bench`` (or ``make bench``). Everything runs
 in one process on the same model, prompts and components; every time is the
-median of several runs after one warm-up run, and methods that are compared
-run round-robin (:func:`time_interleaved`) so load changes hit them alike. It writes
+median of ``--repeats`` runs (default 5) after one warm-up run, wall time and
+process CPU time both recorded, with each call's peak memory growth
+(:class:`PeakMemory`), and methods that are compared run round-robin
+(:func:`time_interleaved`) so load changes hit them alike. It writes
 ``bench-output/bench.json`` and ``bench-output/bench.md`` (and, with
 ``--markdown PATH`` / ``--json PATH``, copies there: the committed run is
 ``docs/performance.md`` and ``docs/performance.json``, written by
@@ -13,7 +15,11 @@ What is timed (the headline sweep: every attention head at every position,
 ``head_pos``, clean/corrupt patching in the denoising direction, because that is
 the direction both TransformerLens tools implement):
 
-* ``floor_frozen``: the cost floor: bare model forward on the clean prompts
+* ``floor_bare``: the cost floor on the bare ``transformers`` model (no
+  TransformerLens): forward on the clean prompts (no grad), forward on the
+  corrupted prompts with parameters frozen and one backward from the metric to the
+  embedding output (:func:`bare_floor_run`).
+* ``floor_frozen``: the bridge floor: TransformerBridge forward on the clean prompts
   (no grad), forward on the corrupted prompts with autograd recording from the
   embedding output only (parameters frozen) and one backward; no TransformerLens
   hooks (one plain ``torch`` forward hook on the embedding module marks its output
@@ -26,6 +32,9 @@ the direction both TransformerLens tools implement):
   (engine ``"prefix"``, the default for GPT-2 models).
 * ``exact_ours_stacked``: the same with the bridge forward and stacked variants.
 * ``exact_ours_loop``: one bridge forward per component (``variants_per_pass=1``).
+* ``exact_peer_transformers``: the strongest exact peer found, plain ``transformers``
+  with PyTorch hooks, each variant started at the patched layer from the cached
+  residual and unembedded only where the metric reads (:func:`peer_exact_head_pos`).
 * ``exact_transformer_lens``: ``run_with_cache`` + ``transformer_lens.patching.
   get_act_patch_attn_head_out_by_pos``, called inside ``torch.no_grad()``.
 * ``attribution_transformer_lens``: ``transformer_lens.tools.analysis.
@@ -45,20 +54,25 @@ JSON schema (``schema_version`` 1); every time is in seconds::
       "setup": {"n_prompts", "n_positions", "seed", "family", "direction", "kind",
                 "n_components", "repeats", "slow_repeats", "warmup"},
       "timings": {name: {"median_s", "min_s", "max_s", "runs_s": [float],
+                         "cpu_median_s", "cpu_min_s", "cpu_max_s", "cpu_runs_s": [float],
+                         "peak_growth_mb": float | null,
                          "available": bool, "reason": str | null}},
-      "ratios": {"attribution_over_floor_frozen", "attribution_over_floor_full",
+      "ratios": {"attribution_over_floor_bare", "floor_bridge_over_floor_bare", "peer_over_exact_ours",
+                 "attribution_over_floor_frozen", "attribution_over_floor_full",
                  "attribution_all_families_over_floor_frozen",
                  "exact_ours_over_transformer_lens", "transformer_lens_over_exact_ours",
                  "exact_over_attribution", "loop_over_exact_ours"},
       "agreement": {"exact_ours_vs_transformer_lens_max_abs", "exact_ours_vs_loop_max_abs",
                     "attribution_ours_vs_transformer_lens_head_pos_max_abs",
                     "attribution_ours_vs_transformer_lens_mlp_pos_max_abs", "exact_stacked_vs_loop_max_abs",
-                    "exact_loop_vs_transformer_lens_max_abs"},
+                    "exact_loop_vs_transformer_lens_max_abs", "exact_ours_vs_peer_transformers_max_abs"},
       "scale": {"exact_head_pos_max_abs", "attribution_head_pos_max_abs"},
       "families": [{"family", "components", "exact_ours_s", "exact_transformer_lens_s",
                     "transformer_lens_function", "speedup", "max_abs_diff", "attribution_ours_s"}],
       "scaling": {"prompts": [{"n_prompts", "exact_ours_s", "exact_transformer_lens_s",
-                               "attribution_ours_s", "floor_frozen_s"}],
+                               "attribution_ours_s", "floor_frozen_s", "floor_bare_s",
+                               "exact_peer_transformers_s", and "*_cpu_s" for ours, the
+                               peer, attribution and the bare floor}],
                   "positions": [{"n_positions_swept", "n_components", "exact_ours_s",
                                  "exact_ours_loop_s", "attribution_ours_s"}]},
       "peak_rss_mb": float,                 # whole process, so an upper bound for every run
@@ -107,40 +121,105 @@ TL_EXACT = {
 
 
 def time_interleaved(calls: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> tuple[dict, dict]:
-    """Median, min and max wall time of each call over ``repeats`` runs after ``warmup`` runs.
+    """Wall time, process CPU time and peak memory of each call over ``repeats`` runs after ``warmup`` runs.
 
     The calls run round-robin: each round runs every call once, so a change in machine load during the
-    benchmark (other processes on a shared machine) hits all of them alike.
+    benchmark (other processes on a shared machine) hits all of them alike. Wall time shows what a
+    reader waits; process CPU time (every thread of this process) is steadier when other processes
+    compete for the cores. Peak memory is the growth of this process's peak resident set over its
+    resident set when the call starts (:class:`PeakMemory`), the largest over the runs.
     A call that raises is reported unavailable, with the reason. Returns
     ``(timings, last return values)``.
     """
     runs: dict[str, list[float]] = {name: [] for name in calls}
+    cpu_runs: dict[str, list[float]] = {name: [] for name in calls}
+    peaks: dict[str, list[float]] = {name: [] for name in calls}
     values: dict[str, object] = {}
     failed: dict[str, str] = {}
+    memory = PeakMemory()
     for round_index in range(warmup + repeats):
         for name, fn in calls.items():
             if name in failed:
                 continue
-            start = time.perf_counter()
+            memory.start()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 values[name] = fn()
             except Exception as err:  # report, do not fake
                 failed[name] = f"{type(err).__name__}: {err}"
                 continue
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+            peak = memory.growth_mb()
             if round_index >= warmup:
-                runs[name].append(time.perf_counter() - start)
+                runs[name].append(wall)
+                cpu_runs[name].append(cpu)
+                if peak is not None:
+                    peaks[name].append(peak)
     timings = {}
     for name in calls:
         if name in failed:
             timings[name] = unavailable(failed[name])
         else:
-            r = runs[name]
-            timings[name] = {"median_s": statistics.median(r), "min_s": min(r), "max_s": max(r), "runs_s": r, "available": True, "reason": None}
+            r, c = runs[name], cpu_runs[name]
+            timings[name] = {
+                "median_s": statistics.median(r), "min_s": min(r), "max_s": max(r), "runs_s": r,
+                "cpu_median_s": statistics.median(c), "cpu_min_s": min(c), "cpu_max_s": max(c), "cpu_runs_s": c,
+                "peak_growth_mb": max(peaks[name]) if peaks[name] else None,
+                "available": True, "reason": None,
+            }
     return timings, values
 
 
+class PeakMemory:
+    """Peak resident-set growth of this process during one call (Linux; ``None`` elsewhere).
+
+    :meth:`start` resets the kernel's high-water mark (``VmHWM``, by writing ``5`` to
+    ``/proc/self/clear_refs``) and notes the resident set; :meth:`growth_mb` is the
+    high-water mark's rise above it. Memory the allocator kept from earlier calls and
+    reuses is not counted again, so this is what the call adds to the process at its
+    peak, not whole-process RSS.
+    """
+
+    def __init__(self):
+        self.start_kb: int | None = None
+
+    @staticmethod
+    def _status_kb(field: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def start(self) -> None:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.start_kb = None
+            return
+        self.start_kb = self._status_kb("VmRSS")
+
+    def growth_mb(self) -> float | None:
+        peak = self._status_kb("VmHWM")
+        if self.start_kb is None or peak is None:
+            return None
+        return max(0, peak - self.start_kb) / 1024
+
+
 def unavailable(reason: str) -> dict:
-    return {"median_s": None, "min_s": None, "max_s": None, "runs_s": [], "available": False, "reason": reason}
+    return {
+        "median_s": None, "min_s": None, "max_s": None, "runs_s": [],
+        "cpu_median_s": None, "cpu_min_s": None, "cpu_max_s": None, "cpu_runs_s": [],
+        "peak_growth_mb": None, "available": False, "reason": reason,
+    }
+
+
+def logit_diff_at_read(final_logits, prompts):
+    """The course metric (:func:`metrics.logit_diff`) from the logits at the final position only, ``[batch, vocab]``."""
+    rows = torch.arange(final_logits.shape[0])
+    return (final_logits[rows, prompts.io_token] - final_logits[rows, prompts.s_token]).mean()
 
 
 def peak_rss_mb() -> float:
@@ -185,6 +264,88 @@ def tl_exact(model, base_tokens, source_tokens, metric, family: str):
         tl_patching.tqdm = draw_progress
 
 
+def bare_model(model_path):
+    """The plain ``transformers`` model behind the bridge (no TransformerLens), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_path)).eval()
+
+
+def bare_floor_run(bare, clean_tokens, corrupted_tokens, metric) -> None:
+    """The floor on the bare ``transformers`` model: clean forward, corrupted forward with autograd, one backward.
+
+    Parameters frozen; autograd records from the embedding output only (a plain ``torch``
+    forward hook marks it), like :func:`floor_run` on the bridge.
+    """
+    from .patching import parameters_frozen
+
+    with torch.no_grad():
+        bare(clean_tokens)
+    handle = bare.get_input_embeddings().register_forward_hook(lambda module, inputs, output: output.requires_grad_(True))
+    try:
+        with parameters_frozen(bare), torch.enable_grad():
+            metric(bare(corrupted_tokens).logits).backward()
+    finally:
+        handle.remove()
+
+
+def peer_exact_head_pos(bare, base_tokens, source_tokens, read_position: int, metric_at_read) -> torch.Tensor:
+    """The strongest exact peer found: plain ``transformers`` with PyTorch hooks, ``M(patched) - M(base)``.
+
+    One cached forward per run: each head's output (``z``, the input of ``attn.c_proj``)
+    on the source prompts, and the residual stream entering every block on the base
+    prompts. Each variant then starts at the patched layer from the cached residual,
+    a forward pre-hook on that layer's ``attn.c_proj`` overwrites one head at one
+    position, and only the position the metric reads is normalised and unembedded
+    (``metric_at_read`` takes ``[batch, vocab]`` logits there). Returns ``[layer, head, pos]``.
+    """
+    transformer = bare.transformer
+    blocks = transformer.h
+    n_heads = bare.config.n_head
+    d_head = bare.config.n_embd // n_heads
+    n_positions = base_tokens.shape[1]
+    causal = torch.full((n_positions, n_positions), float("-inf")).triu(1)[None, None]
+    source_z: dict[int, torch.Tensor] = {}
+    handles = [
+        block.attn.c_proj.register_forward_pre_hook(lambda module, args, layer=layer: source_z.__setitem__(layer, args[0].detach()))
+        for layer, block in enumerate(blocks)
+    ]
+    try:
+        with torch.no_grad():
+            bare(source_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def unembed_read(hidden):
+        return bare.lm_head(transformer.ln_f(hidden[:, read_position]))
+
+    effects = torch.zeros(len(blocks), n_heads, n_positions)
+    with torch.no_grad():
+        base_run = bare(base_tokens, output_hidden_states=True)
+        entering = base_run.hidden_states[: len(blocks)]  # the residual stream entering each block
+        base_value = metric_at_read(base_run.logits[:, read_position]).item()
+        for layer in range(len(blocks)):
+            for head in range(n_heads):
+                columns = slice(head * d_head, (head + 1) * d_head)
+                for position in range(n_positions):
+
+                    def overwrite(module, args, layer=layer, columns=columns, position=position):
+                        z = args[0].clone()
+                        z[:, position, columns] = source_z[layer][:, position, columns]
+                        return (z,)
+
+                    handle = blocks[layer].attn.c_proj.register_forward_pre_hook(overwrite)
+                    try:
+                        hidden = entering[layer]
+                        for block in blocks[layer:]:
+                            hidden = block(hidden, attention_mask=causal)
+                    finally:
+                        handle.remove()
+                    effects[layer, head, position] = metric_at_read(unembed_read(hidden)).item() - base_value
+    return effects
+
+
 def tl_attribution(model, prompts, metric_for):
     """TransformerLens node attribution, one call per prompt pair, averaged (see module docstring).
 
@@ -215,7 +376,7 @@ def run_benchmark(
     n_prompts: int = 32,
     repeats: int = 5,
     seed: int = 0,
-    scaling_prompts: tuple[int, ...] = (4, 8, 16, 32, 64),
+    scaling_prompts: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
     scaling_positions: tuple[int, ...] = (1, 3, 5, 10, 15),
     families: bool = True,
     command: str = "",
@@ -232,10 +393,12 @@ def run_benchmark(
     started = time.time()
     load_before = list(os.getloadavg())
     model = load_model(model_path)
+    bare = bare_model(model_path or SHIPPED_MODEL_DIR)
     cfg = model.cfg
     prompts = make_ioi_prompts(model, n_prompts, seed=seed)
     metric_for = lambda p: (lambda logits: logit_diff(logits, p))  # noqa: E731
     metric = metric_for(prompts)
+    read_metric_for = lambda p: (lambda final: logit_diff_at_read(final, p))  # noqa: E731
     family = "head_pos"
     base, source = patching.base_and_source(prompts.clean_tokens, prompts.corrupted_tokens, "denoising")
     n_positions = base.shape[1]
@@ -270,7 +433,7 @@ def run_benchmark(
             "kind": "patch",
             "n_components": int(torch.tensor(patching.effect_shape(model, family, n_positions)).prod()),
             "repeats": repeats,
-            "slow_repeats": max(2, repeats // 2),
+            "slow_repeats": repeats,
             "warmup": 1,
         },
     }
@@ -287,17 +450,19 @@ def run_benchmark(
         {
             "floor_frozen": lambda: floor_run(model, source, base, metric, frozen=True),
             "floor_full": lambda: floor_run(model, source, base, metric, frozen=False),
+            "floor_bare": lambda: bare_floor_run(bare, source, base, metric),
             "attribution_ours": attribution_ours,
             "attribution_ours_all_families": lambda: attribution_ours(fams=list(patching.FAMILIES)),
         },
         repeats,
     )
     log("floor and attribution timed")
-    slow_repeats = results["setup"]["slow_repeats"]  # the one-per-component loops take seconds each
+    slow_repeats = results["setup"]["slow_repeats"]
     slow, kept = time_interleaved(
         {
             "exact_ours": exact_ours,
             "exact_transformer_lens": lambda: tl_exact(model, base, source, metric, family),
+            "exact_peer_transformers": lambda: peer_exact_head_pos(bare, base, source, prompts.end_position, read_metric_for(prompts)),
             "exact_ours_loop": lambda: exact_ours(engine="loop"),
             "exact_ours_stacked": lambda: exact_ours(engine="stacked"),
             "attribution_transformer_lens": lambda: tl_attribution(model, prompts, metric_for),
@@ -327,6 +492,8 @@ def run_benchmark(
         theirs = kept["attribution_transformer_lens"]
         for fam in ("head_pos", "mlp_pos"):
             agreement[f"attribution_ours_vs_transformer_lens_{fam}_max_abs"] = (attribution[fam] - theirs[fam]).abs().max().item()
+    if timings["exact_peer_transformers"]["available"]:
+        agreement["exact_ours_vs_peer_transformers_max_abs"] = (ours - kept["exact_peer_transformers"]).abs().max().item()
     results["agreement"] = agreement
     results["scale"] = {"exact_head_pos_max_abs": ours.abs().max().item(), "attribution_head_pos_max_abs": attribution["head_pos"].abs().max().item()}
 
@@ -335,6 +502,9 @@ def run_benchmark(
     ratios = {
         "attribution_over_floor_frozen": median("attribution_ours") / median("floor_frozen"),
         "attribution_over_floor_full": median("attribution_ours") / median("floor_full"),
+        "attribution_over_floor_bare": median("attribution_ours") / median("floor_bare"),
+        "floor_bridge_over_floor_bare": median("floor_frozen") / median("floor_bare"),
+        "peer_over_exact_ours": None,
         "attribution_all_families_over_floor_frozen": median("attribution_ours_all_families") / median("floor_frozen"),
         "exact_over_attribution": median("exact_ours") / median("attribution_ours"),
         "loop_over_exact_ours": median("exact_ours_loop") / median("exact_ours"),
@@ -344,6 +514,8 @@ def run_benchmark(
     if timings["exact_transformer_lens"]["available"]:
         ratios["exact_ours_over_transformer_lens"] = median("exact_ours") / median("exact_transformer_lens")
         ratios["transformer_lens_over_exact_ours"] = median("exact_transformer_lens") / median("exact_ours")
+    if timings["exact_peer_transformers"]["available"]:
+        ratios["peer_over_exact_ours"] = median("exact_peer_transformers") / median("exact_ours")
     results["ratios"] = ratios
 
     # ---- every family: our exact sweep vs transformer_lens.patching's
@@ -380,19 +552,26 @@ def run_benchmark(
 
     # ---- scaling
     scaling: dict = {"prompts": [], "positions": []}
-    scaling_repeats = max(1, min(3, repeats))
+    scaling_repeats = repeats
     for n in scaling_prompts:
         p = make_ioi_prompts(model, n, seed=seed)
         b, s = patching.base_and_source(p.clean_tokens, p.corrupted_tokens, "denoising")
         m = metric_for(p)
         cheap, _ = time_interleaved(
-            {"attribution": lambda: attribution_ours(tokens=b, src=s, metric=m), "floor": lambda: floor_run(model, s, b, m, frozen=True)},
+            {
+                "attribution": lambda: attribution_ours(tokens=b, src=s, metric=m),
+                "floor": lambda: floor_run(model, s, b, m, frozen=True),
+                "floor_bare": lambda: bare_floor_run(bare, s, b, m),
+            },
             scaling_repeats,
         )
-        sweeps = {"ours": lambda: exact_ours(tokens=b, src=s, metric=m)}
+        sweeps = {
+            "ours": lambda: exact_ours(tokens=b, src=s, metric=m),
+            "peer": lambda: peer_exact_head_pos(bare, b, s, p.end_position, read_metric_for(p)),
+        }
         if timings["exact_transformer_lens"]["available"]:
             sweeps["transformer_lens"] = lambda: tl_exact(model, b, s, m, family)
-        exact, _ = time_interleaved(sweeps, 1)
+        exact, _ = time_interleaved(sweeps, scaling_repeats)
         scaling["prompts"].append(
             {
                 "n_prompts": n,
@@ -400,6 +579,12 @@ def run_benchmark(
                 "exact_transformer_lens_s": exact["transformer_lens"]["median_s"] if "transformer_lens" in exact else None,
                 "attribution_ours_s": cheap["attribution"]["median_s"],
                 "floor_frozen_s": cheap["floor"]["median_s"],
+                "floor_bare_s": cheap["floor_bare"]["median_s"],
+                "exact_peer_transformers_s": exact["peer"]["median_s"],
+                "exact_ours_cpu_s": exact["ours"]["cpu_median_s"],
+                "exact_peer_transformers_cpu_s": exact["peer"]["cpu_median_s"],
+                "attribution_ours_cpu_s": cheap["attribution"]["cpu_median_s"],
+                "floor_bare_cpu_s": cheap["floor_bare"]["cpu_median_s"],
             }
         )
         log(f"scaling: {n} prompts done")
@@ -430,7 +615,15 @@ def run_benchmark(
 def check_targets(results: dict) -> list[dict]:
     """The issue's targets, each with the measured value and whether it is met."""
     ratios, agreement = results["ratios"], results["agreement"]
+    by_prompts = results["scaling"]["prompts"]
+    attribution_over_bare = [r["attribution_ours_s"] / r["floor_bare_s"] for r in by_prompts] + [ratios["attribution_over_floor_bare"]]
+    peer_speedups = [r["exact_peer_transformers_s"] / r["exact_ours_s"] for r in by_prompts if r.get("exact_peer_transformers_s")]
+    if ratios.get("peer_over_exact_ours") is not None:
+        peer_speedups.append(ratios["peer_over_exact_ours"])
     checks = [
+        ("attribution / bare transformers floor (2F+1B) <= 1.1 at every prompt count", max(attribution_over_bare), 1.1, "max"),
+        ("strongest exact peer (transformers + hooks) / our exact >= 3 at every prompt count", min(peer_speedups) if peer_speedups else None, 3.0, "min"),
+        ("max |our exact - transformers peer exact| < 1e-4", agreement.get("exact_ours_vs_peer_transformers_max_abs"), 1e-4, "below"),
         ("attribution (head x position) / floor (frozen 2F+1B) <= 1.5", ratios["attribution_over_floor_frozen"], 1.5, "max"),
         ("TransformerLens exact / our exact (head x position) >= 3", ratios["transformer_lens_over_exact_ours"], 3.0, "min"),
         ("max |our exact - TransformerLens exact| < 1e-4", agreement.get("exact_ours_vs_transformer_lens_max_abs"), 1e-4, "below"),
@@ -486,7 +679,9 @@ def scaling_figure(results: dict):
         "exact, TransformerLens": dict(symbol="square", dash="dash", color="#d62728"),
         "exact, one at a time": dict(symbol="diamond", dash="dashdot", color="#9467bd"),
         "attribution, ours": dict(symbol="triangle-up", dash="dot", color="#2ca02c"),
-        "floor 2F+1B": dict(symbol="x", dash="longdash", color="#7f7f7f"),
+        "bridge floor 2F+1B": dict(symbol="x", dash="longdash", color="#7f7f7f"),
+        "exact, transformers peer": dict(symbol="star", dash="dash", color="#ff7f0e"),
+        "bare floor 2F+1B": dict(symbol="cross", dash="dot", color="#000000"),
     }
 
     def add(rows, x_key, key, label, col, showlegend):
@@ -501,7 +696,9 @@ def scaling_figure(results: dict):
         ("exact_ours_s", "exact, ours"),
         ("exact_transformer_lens_s", "exact, TransformerLens"),
         ("attribution_ours_s", "attribution, ours"),
-        ("floor_frozen_s", "floor 2F+1B"),
+        ("floor_frozen_s", "bridge floor 2F+1B"),
+        ("exact_peer_transformers_s", "exact, transformers peer"),
+        ("floor_bare_s", "bare floor 2F+1B"),
     ]
     for key, label in series:
         if any(row.get(key) is not None for row in prompts):
@@ -545,11 +742,12 @@ def markdown_report(results: dict) -> str:
         "TransformerLens's attribution; 1 run after a warm-up in the per-family table; 1 run for the scaling table's loop, up to 3 "
         "for the rest). Competing methods run round-robin, so load changes on a shared machine hit them alike.",
         "",
-        "| what | wall time (median) | notes |",
-        "|---|---:|---|",
+        "| what | wall time (median) | process CPU time (median) | peak memory growth | notes |",
+        "|---|---:|---:|---:|---|",
     ]
     rows = [
-        ("floor_frozen", "cost floor: 2 forward + 1 backward, parameters frozen", "bare model, no lens hooks; backward from the metric to the embedding output only"),
+        ("floor_bare", "cost floor: bare `transformers` model, 2 forward + 1 backward, parameters frozen", "no TransformerLens at all; backward from the metric to the embedding output only"),
+        ("floor_frozen", "bridge floor: 2 forward + 1 backward through the TransformerBridge, parameters frozen", "no lens hooks; backward to the embedding output only"),
         ("floor_full", "2 forward + 1 backward, trainable parameters", "backward also computes every weight gradient"),
         ("attribution_ours", "attribution, ours (head x position)", "hooks on the `hook_z` points only"),
         ("attribution_ours_all_families", "attribution, ours (all 7 families at once)", "same 2F+1B, more hook points"),
@@ -558,16 +756,28 @@ def markdown_report(results: dict) -> str:
         ("exact_ours_stacked", "exact sweep, ours (bridge forward, variants stacked)", "full forwards, many variants per pass"),
         ("exact_ours_loop", "exact sweep, one component at a time", "one bridge forward per component"),
         ("exact_transformer_lens", "exact sweep, `transformer_lens.patching.get_act_patch_attn_head_out_by_pos`", "inside `torch.no_grad()`"),
+        ("exact_peer_transformers", "exact sweep, strongest peer: plain `transformers` + PyTorch hooks", "starts each variant at the patched layer from the cached residual; unembeds only the position the metric reads"),
     ]
     for key, label, note in rows:
-        timing = t[key]
-        value = _seconds(timing["median_s"]) if timing["available"] else f"not available: {timing['reason']}"
-        lines.append(f"| {label} | {value} | {note} |")
+        timing = t.get(key)
+        if timing is None:
+            continue
+        if timing["available"]:
+            peak = timing.get("peak_growth_mb")
+            lines.append(
+                f"| {label} | {_seconds(timing['median_s'])} | {_seconds(timing.get('cpu_median_s'))} | "
+                f"{'n/a' if peak is None else f'{peak:.0f} MB'} | {note} |"
+            )
+        else:
+            lines.append(f"| {label} | not available: {timing['reason']} | | | {note} |")
     lines += [
         "",
         "| ratio | value |",
         "|---|---:|",
-        f"| attribution / floor (frozen) | {_ratio(r['attribution_over_floor_frozen'])} |",
+        f"| attribution / bare `transformers` floor | {_ratio(r.get('attribution_over_floor_bare'))} |",
+        f"| bridge floor / bare `transformers` floor | {_ratio(r.get('floor_bridge_over_floor_bare'))} |",
+        f"| strongest exact peer / exact (ours) | {_ratio(r.get('peer_over_exact_ours'))} |",
+        f"| attribution / bridge floor (frozen) | {_ratio(r['attribution_over_floor_frozen'])} |",
         f"| attribution / floor (trainable parameters) | {_ratio(r['attribution_over_floor_full'])} |",
         f"| attribution, all families / floor (frozen) | {_ratio(r['attribution_all_families_over_floor_frozen'])} |",
         f"| exact (ours) / exact (TransformerLens) | {_ratio(r['exact_ours_over_transformer_lens'])} |",
@@ -583,6 +793,7 @@ def markdown_report(results: dict) -> str:
         "exact_stacked_vs_loop_max_abs": "exact: ours (stacked) vs one at a time",
         "exact_ours_vs_transformer_lens_max_abs": "exact: ours (prefix engine) vs TransformerLens",
         "exact_loop_vs_transformer_lens_max_abs": "exact: one at a time vs TransformerLens",
+        "exact_ours_vs_peer_transformers_max_abs": "exact: ours (prefix engine) vs the plain-transformers peer",
         "attribution_ours_vs_transformer_lens_head_pos_max_abs": "attribution, head x position: ours vs TransformerLens",
         "attribution_ours_vs_transformer_lens_mlp_pos_max_abs": "attribution, MLP x position: ours vs TransformerLens",
     }
@@ -607,11 +818,19 @@ def markdown_report(results: dict) -> str:
                 f"| {row['family']} | {row['components']} | {_seconds(row['exact_ours_s'])} | {_seconds(row['exact_transformer_lens_s'])} | "
                 f"{_ratio(row['speedup'])} | {diff} | {_seconds(row['attribution_ours_s'])} | {row['transformer_lens_function']} |"
             )
-    lines += ["", "Scaling (head x position; medians):", "", "| prompts | exact, ours | exact, TransformerLens | attribution, ours | floor |", "|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "Scaling (head x position; median wall time, process CPU time in brackets where measured):",
+        "",
+        "| prompts | exact, ours | exact, transformers peer | exact, TransformerLens | attribution, ours | bare floor | bridge floor |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in results["scaling"]["prompts"]:
+        with_cpu = lambda key: _seconds(row.get(key)) + (f" ({_seconds(row[key[:-2] + '_cpu_s'])})" if row.get(key[:-2] + "_cpu_s") is not None else "")  # noqa: E731
         lines.append(
-            f"| {row['n_prompts']} | {_seconds(row['exact_ours_s'])} | {_seconds(row['exact_transformer_lens_s'])} | "
-            f"{_seconds(row['attribution_ours_s'])} | {_seconds(row['floor_frozen_s'])} |"
+            f"| {row['n_prompts']} | {with_cpu('exact_ours_s')} | {with_cpu('exact_peer_transformers_s')} | "
+            f"{_seconds(row['exact_transformer_lens_s'])} | {with_cpu('attribution_ours_s')} | {with_cpu('floor_bare_s')} | "
+            f"{_seconds(row['floor_frozen_s'])} |"
         )
     lines += ["", "| positions swept | components | exact, ours | exact, one at a time | attribution, ours |", "|---:|---:|---:|---:|---:|"]
     for row in results["scaling"]["positions"]:

@@ -427,12 +427,13 @@ def positions_read_by(metric: Metric, logits: torch.Tensor) -> list[int] | None:
     return read or None
 
 
-def _rows_per_pass(model, n_positions: int, memory_budget_bytes: int) -> int:
-    """How many prompt-rows one forward pass may hold within ``memory_budget_bytes``.
+def _bridge_rows_per_pass(model, n_positions: int, memory_budget_bytes: int) -> int:
+    """How many prompt-rows one TransformerBridge forward may hold within ``memory_budget_bytes``.
 
     A generous estimate of the float32 tensors alive per row: the residual
     stream and its norms, the MLP hidden layer, the attention scores and
-    pattern, and the logits.
+    pattern, and the logits (a bridge forward unembeds every position). The
+    prefix engine sizes its own passes (:meth:`exact_engine.PrefixRunner.rows_per_pass`).
     """
     cfg = model.cfg
     d_mlp = getattr(cfg, "d_mlp", None) or 4 * cfg.d_model
@@ -473,28 +474,34 @@ def exact_sweep(
     * ``"stacked"``: ``variants_per_pass`` patched copies of the batch stacked
       along the batch axis in one bridge forward, the copies patched by one
       vectorised ``torch.where`` per hook;
-    * ``"prefix"``: for GPT-2-style models, a functional forward over the
-      bridge's own weights (see :class:`GPT2Weights`) that starts each variant at
-      the patched layer from the cached base residual stream, and at the
-      patched position with the base run's keys and values for earlier
-      positions (causal attention: they cannot change). Variants that share a
-      layer and a first position run stacked in one pass. It checks itself
-      against the bridge's logits and hook activations on the base run and is
-      used only if they agree (max abs difference <= :data:`FUNCTIONAL_TOLERANCE`).
-      Its last block runs only at the positions whose logits the metric
-      reads (``metric_positions``; ``"auto"`` finds them with
-      :func:`positions_read_by`, ``None`` means all), since the last block's
-      output elsewhere cannot reach the metric; the logits it does not compute
-      are NaN, and a metric that reads one raises an error.
-    * ``"auto"``: ``"loop"`` if ``variants_per_pass == 1`` (so old calls keep
-      meaning the plain loop), else ``"prefix"`` when it applies, else
-      ``"stacked"`` on a GPU and ``"loop"`` on the CPU (where the benchmark
-      finds stacked bridge passes slower than the loop).
+    * ``"prefix"`` (:mod:`attribution_course.exact_engine`): for GPT-2-style
+      models, a functional forward over the bridge's own weights that starts
+      each variant at the patched layer from the cached base residual stream,
+      and at the patched position with the base run's keys and values for
+      earlier positions (causal attention: they cannot change). Variants that
+      share a layer and a first position run stacked in one pass. It checks
+      itself against the bridge's logits and hook activations on the base run
+      and is used only if they agree (max abs difference <=
+      :data:`exact_engine.FUNCTIONAL_TOLERANCE`). Its last block runs only at the
+      positions whose logits the metric reads (``metric_positions``; ``"auto"``
+      finds them with :func:`positions_read_by`, ``None`` means all), since the
+      last block's output elsewhere cannot reach the metric; the metric sees NaN
+      at every position it does not read, and a metric that reads one anyway
+      raises an error.
+    * ``"auto"``: ``"loop"`` if the caller passes ``variants_per_pass=1`` (so
+      old calls keep meaning the plain loop), else ``"prefix"`` whenever it
+      applies, at any batch size or vocabulary, else ``"stacked"`` on a GPU and
+      ``"loop"`` on the CPU (where the benchmark finds stacked bridge passes
+      slower than the loop).
 
-    ``variants_per_pass`` (default: as many as fit ``memory_budget_bytes``) caps
-    how many variants share one pass in the stacked and prefix engines.
+    ``variants_per_pass`` (default: as many as fit ``memory_budget_bytes``, sized
+    by what each engine allocates) caps how many variants share one pass. When
+    not even one variant of the whole batch fits, the prefix engine splits the
+    batch into row chunks rather than leave the engine.
     """
     from tqdm.auto import tqdm
+
+    from . import exact_engine
 
     fam = get_family(family)
     check_tokens(base_tokens, "base_tokens")
@@ -503,59 +510,49 @@ def exact_sweep(
         raise ValueError(f"engine must be 'auto', 'prefix', 'stacked' or 'loop', got {engine!r}")
     if variants_per_pass is not None and variants_per_pass < 1:
         raise ValueError(f"variants_per_pass must be at least 1, got {variants_per_pass}")
-    batch, n_positions = base_tokens.shape
-    if variants_per_pass is None:
-        variants_per_pass = max(1, _rows_per_pass(model, n_positions, memory_budget_bytes) // batch)
+    if engine == "auto" and variants_per_pass == 1:
+        engine = "loop"
     runner = None
-    if engine == "auto":
-        if variants_per_pass == 1:
-            engine = "loop"
+    if engine in ("auto", "prefix"):
+        runner, problem = exact_engine.verified_prefix_runner(model, base_tokens, fam, replacements)
+        if runner is not None:
+            engine = "prefix"
+        elif engine == "prefix":
+            raise ValueError(f"engine='prefix' cannot run this model: {problem}")
         else:
-            runner, _ = _verified_prefix_runner(model, base_tokens, fam, replacements)
             # measured on CPU (python -m attribution_course.bench): stacked bridge passes are
             # slower than the plain loop there; on a GPU stacking is what pays
-            engine = "prefix" if runner is not None else ("stacked" if base_tokens.is_cuda else "loop")
-    elif engine == "prefix":
-        runner, problem = _verified_prefix_runner(model, base_tokens, fam, replacements)
-        if problem is not None:
-            raise ValueError(f"engine='prefix' cannot run this model: {problem}")
-    if engine == "loop":
-        variants_per_pass = 1
+            engine = "stacked" if base_tokens.is_cuda else "loop"
 
-    shape = effect_shape(model, fam, n_positions)
+    batch, n_positions = base_tokens.shape
     components = _components(model, fam, n_positions, positions)
-    effects = torch.full(shape, float("nan"))
-    # group the variants that can share one pass: same layer (and, for the prefix engine, same first position)
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, (layer, *rest) in enumerate(components.tolist()):
-        first = _first_changed_position(fam, rest) if engine == "prefix" else 0
-        groups.setdefault((layer, first), []).append(k)
-    chunks = [
-        (layer, first, members[start : start + variants_per_pass])
-        for (layer, first), members in groups.items()
-        for start in range(0, len(members), variants_per_pass)
-    ]
+    effects = torch.full(effect_shape(model, fam, n_positions), float("nan"))
     with torch.no_grad():
-        if engine == "prefix":
-            base_logits = runner.base_logits
-        else:
-            base_logits = model(base_tokens)
+        base_logits = runner.base_logits if engine == "prefix" else model(base_tokens)
         base_value = metric(base_logits).item()
         read_positions = positions_read_by(metric, base_logits) if metric_positions == "auto" else metric_positions
+        if engine == "prefix":
+            shown = exact_engine.VariantLogits(base_logits, read_positions)
+
+            def rows_per_pass(first: int) -> int:
+                if variants_per_pass is not None:
+                    return variants_per_pass * batch
+                return runner.rows_per_pass(first, read_positions, memory_budget_bytes)
+
+            def logits_of(layer, first, chunk_components):
+                return exact_engine.variant_logits(runner, shown, layer, first, chunk_components, read_positions, rows_per_pass(first))
+
+            chunks = _chunks(fam, components, lambda first: max(1, rows_per_pass(first) // batch), by_first_position=True)
+        else:
+            bridge_variants = variants_per_pass or max(1, _bridge_rows_per_pass(model, n_positions, memory_budget_bytes) // batch)
+
+            def logits_of(layer, first, chunk_components):
+                return _bridge_variant_logits(model, base_tokens, replacements, fam, layer, chunk_components)
+
+            chunks = _chunks(fam, components, lambda first: 1 if engine == "loop" else bridge_variants, by_first_position=False)
         for layer, first, members in tqdm(chunks, disable=not progress, desc=f"exact {fam.name}"):
-            chunk_components = components[members][:, 1:]
-            if engine == "prefix":
-                logits = runner.run(layer, first, chunk_components, read_positions)
-            else:
-                name = fam.hook_name(layer)
-
-                def replace(act, hook, name=name, chunk_components=chunk_components):
-                    return _replace_components(act, replacements[name], fam, chunk_components)
-
-                stacked_tokens = base_tokens.repeat(len(members), 1)
-                logits = model.run_with_hooks(stacked_tokens, fwd_hooks=[(name, replace)])
-            for k, row in enumerate(members):
-                value = metric(logits[k * batch : (k + 1) * batch]).item()
+            for row, logits in zip(members, logits_of(layer, first, components[members][:, 1:])):
+                value = metric(logits).item()
                 if math.isnan(value) and not math.isnan(base_value):
                     raise RuntimeError(
                         f"the metric read logits at positions other than metric_positions={read_positions}; "
@@ -565,258 +562,47 @@ def exact_sweep(
     return effects
 
 
-# ---------------------------------------------------------------- the prefix engine (GPT-2)
+def _chunks(
+    family: Family, components: torch.Tensor, variants_per_pass: Callable[[int], int], *, by_first_position: bool
+) -> list[tuple[int, int, list[int]]]:
+    """``(layer, first position, rows of components)`` for each pass of a sweep.
 
-
-def _unwrap(module):
-    """The Hugging Face module inside TransformerBridge's wrappers."""
-    while hasattr(module, "original_component") and module.original_component is not None:
-        module = module.original_component
-    return module
-
-
-@dataclass
-class GPT2Weights:
-    """The weights a GPT-2-architecture TransformerBridge runs, as plain tensors.
-
-    They are read from the bridge itself (``W_Q``, ``W_in``, ``W_U``, ... and
-    its LayerNorm modules), i.e. after the weight processing of compatibility
-    mode (LayerNorm folding), so a functional forward over them computes what
-    the bridge computes. Per layer: ``qkv_w`` ``[d_model, 3 * n_heads * d_head]``,
-    ``out_w`` ``[n_heads * d_head, d_model]``, ``in_w`` ``[d_model, d_mlp]``,
-    ``mlp_out_w`` ``[d_mlp, d_model]``.
+    Variants share a pass when they share a layer (and, with ``by_first_position``,
+    the first position they can change); ``variants_per_pass(first)`` caps a pass.
     """
-
-    token_embedding: torch.Tensor
-    position_embedding: torch.Tensor
-    blocks: list[dict[str, torch.Tensor]]
-    final_norm: tuple[torch.Tensor | None, torch.Tensor | None]
-    unembed: torch.Tensor
-    unembed_bias: torch.Tensor | None
-    eps: float
-    n_heads: int
-
-    @classmethod
-    def from_bridge(cls, model) -> "GPT2Weights":
-        cfg = model.cfg
-        hf_config = getattr(_unwrap(getattr(model, "original_model", None)), "config", None)
-        problems = {
-            "model_type": (getattr(hf_config, "model_type", None), "gpt2"),
-            "normalization_type": (cfg.normalization_type, "LN"),
-            "positional_embedding_type": (cfg.positional_embedding_type, "standard"),
-            "parallel_attn_mlp": (bool(cfg.parallel_attn_mlp), False),
-            "attn_only": (bool(cfg.attn_only), False),
-            "scale_attn_by_inverse_layer_idx": (bool(getattr(hf_config, "scale_attn_by_inverse_layer_idx", False)), False),
-            "reorder_and_upcast_attn": (bool(getattr(hf_config, "reorder_and_upcast_attn", False)), False),
-        }
-        for what, (found, wanted) in problems.items():
-            if found != wanted:
-                raise ValueError(f"the prefix engine needs {what}={wanted!r}, the model has {found!r}")
-        if cfg.act_fn not in ("gelu_new", "gelu_pytorch_tanh"):
-            raise ValueError(f"the prefix engine needs the tanh GELU, the model uses {cfg.act_fn!r}")
-        with torch.no_grad():
-            heads_last = lambda w: w.permute(1, 0, 2).reshape(w.shape[1], -1)  # [head, d_model, d_head] -> [d_model, head*d_head]
-            # each W_* property stacks every layer, so read each once
-            W_Q, W_K, W_V, W_O = model.W_Q, model.W_K, model.W_V, model.W_O
-            b_Q, b_K, b_V, b_O = model.b_Q, model.b_K, model.b_V, model.b_O
-            W_in, b_in, W_out, b_out = model.W_in, model.b_in, model.W_out, model.b_out
-            blocks = []
-            for layer in range(cfg.n_layers):
-                ln_1, ln_2 = _unwrap(model.blocks[layer].ln1), _unwrap(model.blocks[layer].ln2)
-                blocks.append(
-                    {
-                        "ln_1_w": ln_1.weight, "ln_1_b": ln_1.bias,
-                        "qkv_w": torch.cat([heads_last(W_Q[layer]), heads_last(W_K[layer]), heads_last(W_V[layer])], 1),
-                        "qkv_b": torch.cat([b_Q[layer].flatten(), b_K[layer].flatten(), b_V[layer].flatten()]),
-                        "out_w": W_O[layer].reshape(-1, cfg.d_model), "out_b": b_O[layer],
-                        "ln_2_w": ln_2.weight, "ln_2_b": ln_2.bias,
-                        "in_w": W_in[layer], "in_b": b_in[layer],
-                        "mlp_out_w": W_out[layer], "mlp_out_b": b_out[layer],
-                    }
-                )
-            ln_f = _unwrap(model.ln_final)
-            return cls(
-                token_embedding=model.W_E.detach(),
-                position_embedding=model.W_pos.detach(),
-                blocks=[{k: v.detach() if v is not None else None for k, v in b.items()} for b in blocks],
-                final_norm=(ln_f.weight, ln_f.bias),
-                unembed=model.W_U.detach(),
-                unembed_bias=None if getattr(model, "b_U", None) is None else model.b_U.detach(),
-                eps=cfg.eps,
-                n_heads=cfg.n_heads,
-            )
+    groups: dict[tuple[int, int], list[int]] = {}
+    for k, (layer, *rest) in enumerate(components.tolist()):
+        first = _first_changed_position(family, rest) if by_first_position else 0
+        groups.setdefault((layer, first), []).append(k)
+    chunks = []
+    for (layer, first), members in groups.items():
+        size = variants_per_pass(first)
+        chunks += [(layer, first, members[start : start + size]) for start in range(0, len(members), size)]
+    return chunks
 
 
-#: Where each family's hook sits in a block of the functional forward.
-_FUNCTIONAL_SITES = {
-    "blocks.{layer}.hook_resid_pre": "resid_pre",
-    "blocks.{layer}.attn.hook_pattern": "pattern",
-    "blocks.{layer}.attn.hook_z": "z",
-    "blocks.{layer}.hook_attn_out": "attn_out",
-    "blocks.{layer}.hook_mlp_out": "mlp_out",
-}
+def _bridge_variant_logits(model, base_tokens: Tokens, replacements: Activations, family: Family, layer: int, components: torch.Tensor):
+    """Each variant's ``[batch, pos, vocab]`` logits from one bridge forward over the stacked copies."""
+    name = family.hook_name(layer)
+
+    def replace(act, hook):
+        return _replace_components(act, replacements[name], family, components)
+
+    batch = base_tokens.shape[0]
+    logits = model.run_with_hooks(base_tokens.repeat(components.shape[0], 1), fwd_hooks=[(name, replace)])
+    return (logits[k * batch : (k + 1) * batch] for k in range(components.shape[0]))
 
 
-class _PrefixRunner:
-    """Runs patched variants from the patched layer and position onwards.
-
-    The base run is computed once (functionally) and its residual stream and
-    keys/values are kept per layer; :meth:`run` then starts a stack of
-    variants at ``layer`` with positions ``first..`` only, reading the base
-    run's keys and values for earlier positions.
-    """
-
-    def __init__(self, model, base_tokens: Tokens, family: Family, replacements: Activations):
-        self.weights = GPT2Weights.from_bridge(model)
-        self.family = family
-        self.replacements = replacements
-        self.site = _FUNCTIONAL_SITES[family.hook]
-        self.batch, self.n_positions = base_tokens.shape
-        self.base_resid: list[torch.Tensor] = []
-        self.base_keys: list[torch.Tensor] = []
-        self.base_values: list[torch.Tensor] = []
-        self.base_activations: Activations = {}
-        self.base_logits = self._forward_base(base_tokens)
-
-    # -- pieces of a GPT-2 block
-    def _norm(self, x, weight, bias):
-        return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, self.weights.eps)
-
-    def _heads(self, x):  # [rows, pos, d_model] -> [rows, head, pos, d_head]
-        rows, pos, d_model = x.shape
-        return x.view(rows, pos, self.weights.n_heads, d_model // self.weights.n_heads).transpose(1, 2)
-
-    def _block(self, layer, resid, positions, keys_before, values_before, patch=None, queries=None):
-        """One block on the residual stream at ``positions`` (absolute, contiguous up to the end).
-
-        ``keys_before``/``values_before`` hold earlier positions' keys and values.
-        ``queries`` (indices into ``positions``) limits what the block outputs to
-        those positions (their keys and values are still computed for all).
-        ``patch(site, act, positions_of_act)`` may replace an activation.
-        """
-        w = self.weights.blocks[layer]
-        if patch is not None:
-            resid = patch("resid_pre", resid, positions)
-        qkv = torch.addmm(w["qkv_b"], self._norm(resid, w["ln_1_w"], w["ln_1_b"]).flatten(0, 1), w["qkv_w"])
-        q, k, v = qkv.view(resid.shape[0], resid.shape[1], -1).split(resid.shape[-1], dim=-1)
-        out_positions = positions
-        if queries is not None:
-            q, resid, out_positions = q[:, queries], resid[:, queries], positions[queries]
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)
-        if keys_before is not None:
-            k = torch.cat([keys_before, k], dim=2)
-            v = torch.cat([values_before, v], dim=2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        key_positions = torch.arange(k.shape[2])
-        scores = scores.masked_fill(key_positions.unsqueeze(0) > out_positions.unsqueeze(1), float("-inf"))
-        pattern = scores.softmax(-1)
-        if patch is not None:
-            pattern = patch("pattern", pattern, out_positions)
-        z = (pattern @ v).transpose(1, 2)  # [rows, pos, head, d_head]
-        if patch is not None:
-            z = patch("z", z, out_positions)
-        attn_out = torch.addmm(w["out_b"], z.flatten(2).flatten(0, 1), w["out_w"]).view_as(resid)
-        if patch is not None:
-            attn_out = patch("attn_out", attn_out, out_positions)
-        resid_mid = resid + attn_out
-        hidden = torch.addmm(w["in_b"], self._norm(resid_mid, w["ln_2_w"], w["ln_2_b"]).flatten(0, 1), w["in_w"])
-        hidden = torch.nn.functional.gelu(hidden, approximate="tanh")
-        mlp_out = torch.addmm(w["mlp_out_b"], hidden, w["mlp_out_w"]).view_as(resid)
-        if patch is not None:
-            mlp_out = patch("mlp_out", mlp_out, out_positions)
-        sites = {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out}
-        return resid_mid + mlp_out, k, v, sites
-
-    def _unembed(self, resid):
-        normed = self._norm(resid, *self.weights.final_norm)
-        logits = normed @ self.weights.unembed
-        return logits if self.weights.unembed_bias is None else logits + self.weights.unembed_bias
-
-    def _forward_base(self, tokens):
-        positions = torch.arange(tokens.shape[1])
-        resid = self.weights.token_embedding[tokens] + self.weights.position_embedding[positions]
-        for layer in range(len(self.weights.blocks)):
-            self.base_resid.append(resid)
-            resid, k, v, sites = self._block(layer, resid, positions, None, None)
-            self.base_keys.append(k)
-            self.base_values.append(v)
-            self.base_activations[self.family.hook_name(layer)] = sites[self.site]
-        return self._unembed(resid)
-
-    def run(self, layer: int, first: int, components: torch.Tensor, read_positions: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits ``[n_variants * batch, pos, vocab]`` of the variants patched at ``layer``.
-
-        Only positions ``first..`` are recomputed (earlier ones are the base
-        run's, exactly). With ``read_positions`` (the positions the metric
-        reads), the last block and the unembedding run only there and every
-        other recomputed position's logits are NaN, so a metric that reads
-        them anyway gives NaN instead of a wrong number.
-        """
-        n_variants = components.shape[0]
-        n_layers = len(self.weights.blocks)
-        repeat = lambda t: t.repeat(n_variants, *([1] * (t.ndim - 1)))  # noqa: E731
-        source = self.replacements[self.family.hook_name(layer)]
-
-        def patch(site, act, positions):
-            return _replace_components(act, source, self.family, components, positions) if site == self.site else act
-
-        positions = torch.arange(first, self.n_positions)
-        resid = repeat(self.base_resid[layer][:, first:])
-        queries = None
-        for current in range(layer, n_layers):
-            before = (repeat(self.base_keys[current][:, :, :first]), repeat(self.base_values[current][:, :, :first])) if first else (None, None)
-            if current == n_layers - 1 and read_positions is not None:
-                queries = torch.tensor([i for i, t in enumerate(positions.tolist()) if t in read_positions], dtype=torch.long)
-            resid, _, _, _ = self._block(current, resid, positions, *before, patch=patch if current == layer else None, queries=queries)
-        computed = self._unembed(resid)
-        if queries is None:
-            logits = computed
-        else:
-            logits = computed.new_full((computed.shape[0], len(positions), computed.shape[-1]), float("nan"))
-            logits[:, queries] = computed
-        if first:
-            logits = torch.cat([repeat(self.base_logits[:, :first]), logits], dim=1)
-        return logits
+_ENGINE_NAMES = ("GPT2Weights", "FUNCTIONAL_TOLERANCE", "functional_engine_problem")
 
 
-#: How closely the functional forward must reproduce the bridge before it is trusted.
-FUNCTIONAL_TOLERANCE = 1e-4
+def __getattr__(name: str):
+    """The prefix engine's public names, still importable from here (they live in :mod:`exact_engine`)."""
+    if name in _ENGINE_NAMES:
+        from . import exact_engine
 
-
-def functional_engine_problem(model, base_tokens: Tokens, family: str | Family, replacements: Activations | None = None) -> str | None:
-    """Why the prefix engine cannot run ``family`` on ``model``, or ``None`` if it can.
-
-    Besides the architecture checks, it runs the base prompts through the bridge
-    and the functional forward and compares the logits and the family's hook
-    activations (max abs difference at most :data:`FUNCTIONAL_TOLERANCE`).
-    """
-    return _verified_prefix_runner(model, base_tokens, get_family(family), replacements or {})[1]
-
-
-def _verified_prefix_runner(model, base_tokens: Tokens, fam: Family, replacements: Activations) -> tuple["_PrefixRunner | None", str | None]:
-    """A prefix runner for the base run and ``None``, or ``None`` and the reason it cannot be trusted."""
-    if fam.hook not in _FUNCTIONAL_SITES:
-        return None, f"hook {fam.hook} has no place in the functional forward"
-    try:
-        with torch.no_grad():
-            runner = _PrefixRunner(model, base_tokens, fam, replacements)
-    except (ValueError, AttributeError, TypeError) as err:
-        return None, str(err)
-    names = hook_names(model, fam)
-    bridge_activations: Activations = {}
-    with torch.no_grad():
-        bridge_logits = model.run_with_hooks(base_tokens, fwd_hooks=[(n, _saver(bridge_activations, n)) for n in names])
-    if bridge_logits.shape != runner.base_logits.shape:
-        return None, f"logits shape {tuple(runner.base_logits.shape)} != bridge {tuple(bridge_logits.shape)}"
-    worst = (bridge_logits - runner.base_logits).abs().max().item()
-    for name in names:
-        ours, theirs = runner.base_activations[name], bridge_activations[name]
-        if ours.shape != theirs.shape:
-            return None, f"{name}: shape {tuple(ours.shape)} != bridge {tuple(theirs.shape)}"
-        worst = max(worst, (ours - theirs).abs().max().item())
-    if not worst <= FUNCTIONAL_TOLERANCE:
-        return None, f"functional forward differs from the bridge by {worst:.2e} (> {FUNCTIONAL_TOLERANCE})"
-    return runner, None
+        return getattr(exact_engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------- attribution
