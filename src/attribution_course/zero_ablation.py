@@ -78,7 +78,7 @@ def record_value_bias(model) -> None:
     ``model.original_model``'s ``ln_1.bias`` has been overwritten, so it cannot
     be recovered afterwards. :func:`model.load_model` calls this.
     """
-    from .patching import _unwrap
+    from .exact_engine import _unwrap
 
     with torch.no_grad():
         W_V, b_V = model.W_V, model.b_V  # [layer, head, d_model, d_head], [layer, head, d_head]
