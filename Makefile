@@ -28,6 +28,7 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build --all -W -n --keep-going book
 
 test: book
+	bash .ci/install-actionlint
 	$(BIN)/python -m pytest
 
 # Regenerate requirements.lock from the current venv (after changing pyproject.toml).
