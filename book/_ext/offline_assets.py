@@ -1,19 +1,33 @@
-"""Serve plotly.js from the built site, so figures render with no network access.
+"""Serve plotly.js from the built site, so figures render with no network access; keep pages light.
 
-The file is copied from the installed ``plotly`` package (the same version that
-wrote the figures' JSON) into ``_build/html/_static/`` and loaded in every
-page's ``<head>``, before the inline ``Plotly.newPlot`` calls of the figures.
-Nothing is vendored, so it cannot go stale when plotly is upgraded.
+plotly.js is copied from the installed ``plotly`` package (the same version that wrote the
+figures' JSON) into ``_build/html/_static/``; nothing is vendored, so it cannot go stale when
+plotly is upgraded. It is copied when the builder starts, so Sphinx adds its content checksum
+(``?v=...``) to the URL like for every other static file (cache-busting).
+
+Only pages that need them load plotly.js (4.8 MB, 1.5 MB gzipped) and MathJax (2.3 MB, 0.7 MB
+gzipped): a page without a figure gets no plotly, a page without mathematics no MathJax. Both
+load with ``defer``, so they never block the first paint. A figure's inline ``Plotly.newPlot``
+script is turned into a module script: module scripts run after the deferred scripts before
+them, so ``Plotly`` exists when they run. ``course-figures.js`` (deferred, after plotly.js)
+removes plotly's links to its cloud service from every figure.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 PLOTLY_JS = "plotly.min.js"
+FIGURE_SETUP_JS = "course-figures.js"  # book/_static: plotly's global settings for the course
+# A figure output written by plotly.io.to_html(include_plotlyjs=False): its newPlot script.
+FIGURE_SCRIPT = re.compile(r'<script(?: type="text/javascript")?>(?=\s*window\.PLOTLYENV)')
+FIGURE_DIV = 'class="plotly-graph-div"'
+# Sphinx writes every formula (inline or display) with the class "math".
+MATH_ELEMENT = re.compile(r'<(?:span|div) class="math\b')
 
 
 def _plotly_js_source() -> Path:
@@ -25,11 +39,44 @@ def _plotly_js_source() -> Path:
     return source
 
 
-def _copy_plotly_js(app, exception) -> None:
-    if exception is None and app.builder.format == "html":
+def _copy_plotly_js(app) -> None:
+    if app.builder.format == "html":
         target = Path(app.outdir) / "_static" / PLOTLY_JS
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(_plotly_js_source(), target)
+
+
+def _script_name(script) -> str:
+    return (getattr(script, "filename", script) or "").split("?")[0]
+
+
+def _page_assets(app, pagename, templatename, context, doctree) -> None:
+    """plotly.js only on pages with a figure, MathJax only on pages with a formula."""
+    scripts = context.get("script_files")
+    if scripts is None:
+        return
+    body = context.get("body", "")
+    has_figures = FIGURE_DIV in body
+    has_math = bool(MATH_ELEMENT.search(body))
+    figure_scripts = {f"_static/{PLOTLY_JS}", f"_static/{FIGURE_SETUP_JS}"}
+    mathjax = f"_static/{app.config.mathjax_path}"
+
+    def needed(script) -> bool:
+        name = _script_name(script)
+        if name in figure_scripts:
+            return has_figures
+        if name == mathjax or getattr(script, "attributes", {}).get("body", "").startswith("window.MathJax"):
+            return has_math
+        return True
+
+    scripts[:] = [script for script in scripts if needed(script)]
+    for script in scripts:
+        # MathJax is listed by more than one extension, not always deferred; it never needs to block.
+        if _script_name(script) == mathjax and hasattr(script, "attributes"):
+            script.attributes.pop("async", None)
+            script.attributes["defer"] = "defer"
+    if has_figures:
+        context["body"] = FIGURE_SCRIPT.sub('<script type="module">', body)
 
 
 def _offline_scripts(app, pagename, templatename, context, doctree) -> None:
@@ -80,9 +127,10 @@ def setup(app):
     # Chapters' kernels inherit this: attribution_course.plots then emits HTML only.
     os.environ["ATTRIBUTION_COURSE_BOOK_BUILD"] = "1"
     _plotly_js_source()  # fail at start-up, not after executing every chapter
-    # Loaded without `defer`, so the global `Plotly` exists before the figures' inline scripts run.
-    app.add_js_file(PLOTLY_JS, priority=200)
-    app.connect("build-finished", _copy_plotly_js)
+    app.add_js_file(PLOTLY_JS, priority=200, loading_method="defer")
+    app.add_js_file(FIGURE_SETUP_JS, priority=201, loading_method="defer")
+    app.connect("builder-inited", _copy_plotly_js)
     app.connect("html-page-context", _offline_scripts, priority=900)
+    app.connect("html-page-context", _page_assets, priority=901)
     app.connect("source-read", _drop_plotly_json)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
