@@ -24,6 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 # Builds the HTML book into book/_build/html, executing every chapter (strict: warnings fail).
 # --all: rebuild every page, so no chapter keeps outputs from an older model or package.
 book: $(STAMP)
+	bash .ci/install-site-assets
 	$(BIN)/python -m attribution_course.exercises sync-book
 	$(BIN)/jupyter-book build --all -W -n --keep-going book
 

@@ -55,9 +55,9 @@ def _course_template() -> go.layout.Template:
     return template
 
 
-#: plotly config of every figure: no logo link, and none of plotly's links to its cloud service
-#: (plotly.js 4 shows a "Share chart" button that uploads the figure unless showSendToCloud is off).
-FIGURE_CONFIG = {"displaylogo": False, "showLink": False, "showSendToCloud": False, "showEditInChartStudio": False}
+#: plotly config of every figure: no logo link, and no "Share chart" button (plotly.js 4 shows one,
+#: which uploads the figure to plotly's cloud, unless showSendToCloud is off).
+FIGURE_CONFIG = {"displaylogo": False, "showSendToCloud": False}
 
 #: Set by the book's Sphinx extension (book/_ext/offline_assets.py) for the kernels it starts.
 BOOK_BUILD_ENV = "ATTRIBUTION_COURSE_BOOK_BUILD"
