@@ -129,7 +129,7 @@ PAGES = {
     "cloud": dict(
         title=f"Cloud — {COURSE}",
         extra_head="",
-        body=_figure("shared", [SCATTER], config={"showSendToCloud": True, "showEditInChartStudio": True})
+        body=_figure("shared", [SCATTER], config={"showSendToCloud": True, "displaylogo": True})
         + '<p><a href="https://github.com/OWNER/attribution-course">repository</a></p>',
     ),
     "light": dict(
@@ -324,6 +324,6 @@ def test_cloud_and_placeholder_link_checks(synthetic):
     default = " ".join(harness.cloud_link_problems(synthetic("good")))
     assert "Share chart" in default and "showSendToCloud" in default, default
     problems = " ".join(harness.cloud_link_problems(synthetic("cloud")))
-    assert "showSendToCloud" in problems and "showEditInChartStudio" in problems, problems
+    assert "Share chart" in problems and "showSendToCloud, displaylogo" in problems, problems
     assert harness.placeholder_link_problems(synthetic("good")) == []
     assert "github.com/OWNER" in " ".join(harness.placeholder_link_problems(synthetic("cloud")))
