@@ -24,10 +24,12 @@ $(STAMP): requirements.lock pyproject.toml
 # Builds the HTML book into book/_build/html, executing every chapter (strict: warnings fail).
 # --all: rebuild every page, so no chapter keeps outputs from an older model or package.
 book: $(STAMP)
+	bash .ci/install-site-assets
 	$(BIN)/python -m attribution_course.exercises sync-book
 	$(BIN)/jupyter-book build --all -W -n --keep-going book
 
 test: book
+	bash .ci/install-actionlint
 	$(BIN)/python -m pytest
 
 # Regenerate requirements.lock from the current venv (after changing pyproject.toml).

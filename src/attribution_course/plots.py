@@ -55,6 +55,10 @@ def _course_template() -> go.layout.Template:
     return template
 
 
+#: plotly config of every figure: no logo link, and no "Share chart" button (plotly.js 4 shows one,
+#: which uploads the figure to plotly's cloud, unless showSendToCloud is off).
+FIGURE_CONFIG = {"displaylogo": False, "showSendToCloud": False}
+
 #: Set by the book's Sphinx extension (book/_ext/offline_assets.py) for the kernels it starts.
 BOOK_BUILD_ENV = "ATTRIBUTION_COURSE_BOOK_BUILD"
 
@@ -69,7 +73,7 @@ class _CourseRenderer(pio.base_renderers.MimetypeRenderer):
     def to_mimebundle(self, fig_dict):
         bundle = {"text/html": figure_html(fig_dict)}
         if not os.environ.get(BOOK_BUILD_ENV):
-            bundle.update(pio.base_renderers.PlotlyRenderer(config={"displaylogo": False}).to_mimebundle(fig_dict))
+            bundle.update(pio.base_renderers.PlotlyRenderer(config=FIGURE_CONFIG).to_mimebundle(fig_dict))
         return bundle
 
 
@@ -85,7 +89,7 @@ def figure_html(fig) -> str:
         include_plotlyjs=False,
         full_html=False,
         div_id=f"fig-{digest}",
-        config={"displaylogo": False, "responsive": True},
+        config={**FIGURE_CONFIG, "responsive": True},
         validate=False,
     )
 

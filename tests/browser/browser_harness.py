@@ -12,6 +12,7 @@ test_checks_can_fail.py to show that each check fails on the defect it is meant 
 from __future__ import annotations
 
 import functools
+import gzip
 import http.server
 import io
 import json
@@ -46,6 +47,8 @@ CHROMIUM_FLAGS = [
     # Second line of defence behind request interception: no host name but localhost resolves.
     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE localhost, EXCLUDE 127.0.0.1",
 ]
+# Generous: on a busy 2-core machine a figure page (plotly.js parsed and run) can take half a minute.
+PAGE_LOAD_TIMEOUT_MS = 90_000
 VIEWPORT = {"width": 1366, "height": 900}  # wide enough for the theme to show the primary sidebar
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
 
@@ -85,6 +88,10 @@ SETTLE_JS = "() => new Promise(r => requestAnimationFrame(() => requestAnimation
 # Clicking download links leaves focus on them (and shows the theme's skip link): undo before screenshots.
 RESET_VIEW_JS = "() => { if (document.activeElement) document.activeElement.blur(); window.scrollTo(0, 0); }"
 
+# Bytes over the wire (headers + compressed bodies) for the page and everything it loaded so far.
+TRANSFERRED_JS = """() => [...performance.getEntriesByType('navigation'), ...performance.getEntriesByType('resource')]
+    .map(e => ({url: e.name, bytes: e.transferSize, decoded: e.decodedBodySize}))"""
+
 # Opacity on a group cannot be overridden by its children, unlike visibility.
 HIDE_FIGURE_DATA_CSS = """
 .js-plotly-plot .cartesianlayer .plot, .js-plotly-plot .cartesianlayer .overplot, .js-plotly-plot .polarlayer .plot, .js-plotly-plot .ternarylayer .plot,
@@ -96,9 +103,32 @@ HIDE_FIGURE_TEXT_CSS = ".js-plotly-plot svg text { opacity: 0 !important; }"
 # ---------------------------------------------------------------- local web server
 
 
+# Served gzip-compressed when the browser accepts it, as GitHub Pages does, so page weights are
+# what a reader downloads. Downloads (.ipynb, .md) are sent as they are.
+GZIP_SUFFIXES = {".html", ".js", ".css", ".svg", ".json", ".txt", ".map"}
+
+
+@functools.lru_cache(maxsize=256)
+def _gzipped(path: Path, mtime_ns: int) -> bytes:  # mtime_ns: a rebuilt file is compressed again
+    return gzip.compress(path.read_bytes(), compresslevel=6)
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format, *args):  # noqa: A002 - signature fixed by the base class
         pass
+
+    def send_head(self):
+        path = Path(self.translate_path(self.path))
+        accepts_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
+        if not (accepts_gzip and path.suffix in GZIP_SUFFIXES and path.is_file()):
+            return super().send_head()
+        body = _gzipped(path, path.stat().st_mtime_ns)
+        self.send_response(200)
+        self.send_header("Content-Type", self.guess_type(str(path)))
+        self.send_header("Content-Encoding", "gzip")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        return io.BytesIO(body)
 
 
 class StaticServer:
@@ -134,10 +164,10 @@ def launch_browser(playwright):
     return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
 
 
-def new_reader_context(browser, blocked_requests: list[str]):
+def new_reader_context(browser, blocked_requests: list[str], viewport: dict = VIEWPORT):
     """A first-time reader: empty storage and cache; every request not to localhost is aborted and logged."""
     context = browser.new_context(
-        viewport=VIEWPORT,
+        viewport=viewport,
         device_scale_factor=1,
         color_scheme="light",
         accept_downloads=True,
@@ -250,7 +280,12 @@ class PageReport:
     screenshots: list[Path] = field(default_factory=list)
     fetched: dict[str, dict] = field(default_factory=dict)  # url -> FETCH_JS result
     downloads: list[dict] = field(default_factory=list)  # clicked download-role links
+    transfers: list[dict] = field(default_factory=list)  # {url, bytes, decoded} per loaded resource
     seconds: float = 0.0
+
+    @property
+    def transferred_bytes(self) -> int:
+        return sum(t["bytes"] for t in self.transfers)
 
 
 def _element_shots(page, selector: str, indices: list[int]) -> dict[int, bytes]:
@@ -308,11 +343,11 @@ def visit_page(
     page.on("pageerror", lambda error: page_errors.append(str(error)))
     page.on("response", lambda response: response.status >= 400 and http_errors.append(f"{response.status} {response.url}"))
     try:
-        response = page.goto(url, wait_until="load", timeout=30_000)
+        response = page.goto(url, wait_until="load", timeout=PAGE_LOAD_TIMEOUT_MS)
         status = response.status if response else 0
         _wait_for_rendering(page, wait_for_selector, render_timeout_ms)
         facts = page.evaluate(FACTS_JS)
-        report = PageReport(name=name, url=url, status=status, facts=facts)
+        report = PageReport(name=name, url=url, status=status, facts=facts, transfers=page.evaluate(TRANSFERRED_JS))
         shot = output_dir / f"{name}.png"
         page.screenshot(path=str(shot), full_page=True)
         report.screenshots.append(shot)
@@ -559,8 +594,9 @@ def exercise_download_problems(report: PageReport, chapter: str, source: Path | 
     return problems
 
 
-def header_button_problems(report: PageReport, chapter: str) -> list[str]:
-    """Download buttons for <chapter>.ipynb (a notebook) and <chapter>.md, both served; a launch link for the page."""
+def header_button_problems(report: PageReport, chapter: str, expect_launch: bool = True) -> list[str]:
+    """Download buttons for <chapter>.ipynb (a notebook) and <chapter>.md, both served; a launch link for the
+    page if `expect_launch` (the book's repository URL is set), else none."""
     facts = report.facts
     problems = []
     for kind, buttons, notebook in (
@@ -573,8 +609,10 @@ def header_button_problems(report: PageReport, chapter: str) -> list[str]:
             if not button["href"].endswith(f"{chapter}{kind}"):
                 problems.append(f"{chapter}: download {kind} button points to {button['href']}")
             problems += fetch_problems(report, button["href"], f"download {kind} button", notebook=notebook)
-    if not [b for b in facts["launchButtons"] if chapter in b["href"]]:
+    if expect_launch and not [b for b in facts["launchButtons"] if chapter in b["href"]]:
         problems.append(f"{chapter}: no launch button (Binder/Colab/JupyterHub) for this page: {facts['launchButtons']}")
+    if not expect_launch and facts["launchButtons"]:
+        problems.append(f"{chapter}: launch buttons with no repository set: {facts['launchButtons']}")
     return problems
 
 
@@ -590,3 +628,174 @@ def page_url_name(url: str) -> str:
     """'http://127.0.0.1:5/03_exact_ablation.html#x' -> '03_exact_ablation'."""
     path = urlsplit(url).path
     return path.rsplit("/", 1)[-1].removesuffix(".html")
+
+
+# ---------------------------------------------------------------- navigation and narrow screens
+
+PHONE_VIEWPORT = {"width": 390, "height": 844}  # a common phone, in CSS pixels
+LAYOUT_JS = (Path(__file__).with_name("layout_facts.js")).read_text()
+# The theme's ☰ (site navigation) and page-contents buttons, and the links each should reveal.
+PRIMARY_TOGGLE = "button.primary-toggle"
+SECONDARY_TOGGLE = "button.secondary-toggle"
+LINK_SELECTORS = {"primaryLinks": ".bd-sidebar-primary nav a[href]", "secondaryLinks": ".bd-sidebar-secondary nav a[href]"}
+MAX_PAGE_OVERFLOW_PX = 0
+
+
+@dataclass
+class NavigationReport:
+    name: str
+    viewport: dict
+    layout: dict  # layout_facts.js on the page as loaded
+    toggles: dict[str, dict] = field(default_factory=dict)  # "primary"/"secondary" -> what clicking did
+    screenshot: Path | None = None
+
+
+def _click_toggle(page, selector: str, links_key: str) -> dict:
+    """Click the first visible `selector` button; count the sidebar links on screen before and after."""
+    result = {"visibleButtons": 0, "linksBefore": None, "linksAfter": None, "linksAfterSecondClick": None, "error": ""}
+    buttons = [b for b in page.query_selector_all(selector) if b.is_visible()]
+    result["visibleButtons"] = len(buttons)
+    if not buttons:
+        return result
+    result["linksBefore"] = page.evaluate(LAYOUT_JS, LINK_SELECTORS)[links_key]
+    try:
+        buttons[0].click(timeout=5_000)
+        page.wait_for_timeout(400)  # the theme's transitions
+        result["linksAfter"] = page.evaluate(LAYOUT_JS, LINK_SELECTORS)[links_key]
+        # Close a dialog (Escape), or click the button again where it toggles a panel in place.
+        if page.evaluate("() => !!document.querySelector('dialog[open]')"):
+            page.keyboard.press("Escape")
+        else:
+            buttons[0].click(timeout=5_000)
+        page.wait_for_timeout(400)
+        result["linksAfterSecondClick"] = page.evaluate(LAYOUT_JS, LINK_SELECTORS)[links_key]
+    except Exception as error:  # noqa: BLE001 - a button that cannot be clicked is the finding
+        result["error"] = str(error).splitlines()[0]
+    return result
+
+
+def navigation_visit(browser, url: str, name: str, blocked_log: list[str], viewport: dict,
+                     output_dir: Path = OUTPUT_DIR, render_timeout_ms: int = 15_000) -> NavigationReport:
+    """Load `url` at `viewport`, record its layout, then try the ☰ and page-contents buttons."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    context = new_reader_context(browser, blocked_log, viewport)
+    page = context.new_page()
+    try:
+        page.goto(url, wait_until="load", timeout=PAGE_LOAD_TIMEOUT_MS)
+        _wait_for_rendering(page, None, render_timeout_ms)
+        report = NavigationReport(name=name, viewport=viewport, layout=page.evaluate(LAYOUT_JS, LINK_SELECTORS))
+        shot = output_dir / f"{name}-{viewport['width']}px.png"
+        page.screenshot(path=str(shot))
+        report.screenshot = shot
+        report.toggles["primary"] = _click_toggle(page, PRIMARY_TOGGLE, "primaryLinksOnTop")
+        report.toggles["secondary"] = _click_toggle(page, SECONDARY_TOGGLE, "secondaryLinksOnTop")
+    finally:
+        context.close()
+    return report
+
+
+def overflow_problems(report: NavigationReport) -> list[str]:
+    """The page is no wider than the viewport (no sideways scrolling)."""
+    layout = report.layout
+    excess = layout["scrollWidth"] - layout["viewportWidth"]
+    if excess <= MAX_PAGE_OVERFLOW_PX:
+        return []
+    return [f"{report.name}: at {report.viewport['width']} px the page is {layout['scrollWidth']} px wide "
+            f"(scrolls sideways by {excess} px); widest: {'; '.join(layout['widestElements']) or '?'}"]
+
+
+def toggle_opens_problems(report: NavigationReport, which: str, what: str) -> list[str]:
+    """On a narrow screen the button is visible, its links are hidden, and clicking shows them on top."""
+    toggle = report.toggles.get(which, {})
+    label = f"{report.name} at {report.viewport['width']} px: {what} button"
+    if not toggle.get("visibleButtons"):
+        return [f"{label}: not visible"]
+    if toggle.get("error"):
+        return [f"{label}: cannot be clicked: {toggle['error']}"]
+    if toggle["linksBefore"]:
+        return [f"{label}: its {toggle['linksBefore']} links are already on screen before clicking"]
+    if not toggle["linksAfter"]:
+        return [f"{label}: clicking it shows none of its links"]
+    if toggle["linksAfterSecondClick"]:
+        return [f"{label}: its links stay on screen after closing (Escape)"]
+    return []
+
+
+def toggle_collapses_problems(report: NavigationReport, which: str, what: str) -> list[str]:
+    """On a wide screen the panel starts open; clicking the button hides it and clicking again shows it."""
+    toggle = report.toggles.get(which, {})
+    label = f"{report.name} at {report.viewport['width']} px: {what} button"
+    if not toggle.get("visibleButtons"):
+        return [f"{label}: not visible"]
+    if toggle.get("error"):
+        return [f"{label}: cannot be clicked: {toggle['error']}"]
+    if not toggle["linksBefore"]:
+        return [f"{label}: no link of its panel is on screen before clicking"]
+    if toggle["linksAfter"]:
+        return [f"{label}: clicking it leaves {toggle['linksAfter']} links on screen (nothing collapsed)"]
+    if not toggle["linksAfterSecondClick"]:
+        return [f"{label}: clicking it again does not bring the panel back"]
+    return []
+
+
+def top_bar_problems(report: NavigationReport) -> list[str]:
+    layout, problems = report.layout, []
+    if layout["visibleSearchFields"] > 1:
+        problems.append(f"{report.name}: {layout['visibleSearchFields']} search fields visible (one expected)")
+    if layout["topBarVisible"]:
+        problems.append(f"{report.name}: the theme's separate top bar (#pst-header) is shown")
+    return problems
+
+
+# ---------------------------------------------------------------- page weight and heavy scripts
+
+TEXT_PAGE_BUDGET = 1_500_000  # bytes over the wire (gzip), a page without figures
+FIGURE_PAGE_BUDGET = 2_500_000  # a page with plotly figures
+PLOTLY_SCRIPT = re.compile(r"/plotly[\w.-]*\.js(\?|$)")
+MATHJAX_SCRIPT = re.compile(r"/mathjax/[\w.-]+\.js(\?|$)")
+
+
+def weight_problems(report: PageReport, budget: int) -> list[str]:
+    total = report.transferred_bytes
+    if total <= budget:
+        return []
+    heaviest = sorted(report.transfers, key=lambda t: -t["bytes"])[:4]
+    listing = ", ".join(f"{urlsplit(t['url']).path.rsplit('/', 1)[-1]} {t['bytes'] / 1e3:.0f} kB" for t in heaviest)
+    return [f"{report.name}: {total / 1e6:.2f} MB transferred, over the {budget / 1e6:.1f} MB budget ({listing})"]
+
+
+def heavy_script_problems(report: PageReport) -> list[str]:
+    """plotly.js only with figures, MathJax only with maths; each deferred/async and cache-busted (?v=)."""
+    facts, problems = report.facts, []
+    requested = [t["url"] for t in report.transfers]
+    for what, pattern, needed in (
+        ("plotly.js", PLOTLY_SCRIPT, bool(facts["figures"])),
+        ("MathJax", MATHJAX_SCRIPT, bool(facts["mathCount"])),
+    ):
+        loaded = [url for url in requested if pattern.search(url)]
+        if loaded and not needed:
+            problems.append(f"{report.name}: loads {what} but shows no {'figure' if what == 'plotly.js' else 'formula'}")
+        for script in (s for s in facts["scripts"] if pattern.search(s["src"])):
+            if not (script["defer"] or script["async"] or script["type"] == "module"):
+                problems.append(f"{report.name}: {what} blocks the page ({script['src']} has neither defer nor async)")
+            if "?" not in script["src"]:
+                problems.append(f"{report.name}: {what} URL has no cache-busting query string: {script['src']}")
+    return problems
+
+
+# plotly modebar buttons and config flags that lead to plotly's cloud service or website.
+CLOUD_BUTTONS = re.compile(r"sendDataToCloud|editInChartStudio|chart studio|plotly\.com|plot\.ly|share", re.I)
+
+
+def cloud_link_problems(report: PageReport) -> list[str]:
+    problems = [f"{report.name}: plotly modebar button leads to plotly's cloud: {button}"
+                for button in report.facts["modebarButtons"] if CLOUD_BUTTONS.search(button)]
+    for index, context in enumerate(report.facts["plotlyContexts"]):
+        flags = [name for name, on in context.items() if on]
+        if flags:
+            problems.append(f"{report.name} figure #{index + 1}: plotly config has {', '.join(flags)} switched on")
+    return problems
+
+
+def placeholder_link_problems(report: PageReport) -> list[str]:
+    return [f"{report.name}: link to a placeholder repository: {href}" for href in report.facts["placeholderLinks"]]

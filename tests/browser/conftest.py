@@ -113,6 +113,7 @@ class SiteVisits:
     def __init__(self, browser, server, blocked_log):
         self.browser, self.server, self.blocked_log = browser, server, blocked_log
         self.reports: dict[str, harness.PageReport] = {}
+        self.navigation_reports: dict[str, harness.NavigationReport] = {}
 
     def report(self, page_name: str, query: str = "", **options) -> harness.PageReport:
         key = page_name + query
@@ -129,4 +130,15 @@ class SiteVisits:
             )
             VISITED.append(report)
         return self.reports[key]
+
+    def navigation(self, page_name: str, viewport: dict) -> harness.NavigationReport:
+        """The page at `viewport` (phone or desktop): its layout, and what its ☰/contents buttons do."""
+        key = f"{page_name}@{viewport['width']}"
+        if key not in self.navigation_reports:
+            if not (harness.SITE_DIR / f"{page_name}.html").exists():
+                pytest.fail(f"{harness.SITE_DIR / page_name}.html was not built")
+            self.navigation_reports[key] = harness.navigation_visit(
+                self.browser, self.server.url(f"{page_name}.html"), page_name.replace("/", "__"), self.blocked_log, viewport
+            )
+        return self.navigation_reports[key]
 

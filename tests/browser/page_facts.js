@@ -85,6 +85,21 @@
     launchButtons: links(".dropdown-launch-buttons a"),
     downloadRoleLinks: links("a.reference.download"),
     searchResults: links("#search-results ul.search li a, ul.search li > a"),
+    // External scripts as written in the page: how each loads (blocking or not) and its query string.
+    scripts: [...document.querySelectorAll("script[src]")].map((s) => ({
+      src: s.src, defer: s.defer, async: s.async, type: s.type || "" })),
+    // The theme's repository, edit, issues and launch buttons, and any link to a placeholder owner.
+    repositoryButtons: links(
+      "a.btn-source-repository-button, a.btn-source-edit-button, a.btn-source-issues-button, .dropdown-launch-buttons a"),
+    placeholderLinks: [...document.querySelectorAll("a[href]")].map((a) => a.href).filter((href) => /\/OWNER\b/i.test(href)),
+    // plotly's modebar buttons (their data-attr/title), after the figures are drawn.
+    modebarButtons: [...new Set([...document.querySelectorAll(".modebar-btn")].map(
+      (b) => `${b.getAttribute("data-attr") || ""}|${b.getAttribute("data-val") || ""}|${b.getAttribute("data-title") || ""}`))],
+    plotlyContexts: [...document.querySelectorAll(".js-plotly-plot")].map((gd) => {
+      const c = gd._context || {};
+      return { showLink: !!c.showLink, showSendToCloud: !!c.showSendToCloud, showEditInChartStudio: !!c.showEditInChartStudio,
+               displaylogo: !!c.displaylogo };
+    }),
     searchSummary: textOf(document.querySelector("#search-results p.search-summary, #search-results > p") || document.createElement("p")),
   };
 }

@@ -19,24 +19,26 @@ pytestmark = pytest.mark.browser
 
 COURSE = "Synthetic Course"
 
-HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>{extra_head}
-<script src="plotly.min.js"></script>
+HEAD = """<!doctype html><html><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{title}</title>{extra_head}
+{plotly_tag}
 <style>html[data-theme=dark] body {{ background: #121212; color: #eeeeee; }} body {{ background: #ffffff; margin: 0; }}</style>
 </head><body><article class="bd-article">{body}</article></body></html>"""
 
 
-def _figure(div_id: str, data: list, layout: dict | None = None) -> str:
+def _figure(div_id: str, data: list, layout: dict | None = None, config: dict | None = None, script_type: str = "") -> str:
     layout = {"width": 500, "height": 320, "margin": {"t": 30}, **(layout or {})}
+    script_tag = f'<script type="{script_type}">' if script_type else "<script>"
     return (
         f'<div id="{div_id}" class="plotly-graph-div" style="height:320px; width:500px;"></div>'
-        f"<script>Plotly.newPlot('{div_id}', {json.dumps(data)}, {json.dumps(layout)});</script>"
+        f"{script_tag}Plotly.newPlot('{div_id}', {json.dumps(data)}, {json.dumps(layout)}, {json.dumps(config or {})});</script>"
     )
 
 
 def _navigation(sidebar_text: str, previous: str, notebook_button: str, launch: bool) -> str:
     """The theme's sidebar, header buttons and previous/next links, as on chapter 3 of the book."""
     launch_link = (
-        '<div class="dropdown dropdown-launch-buttons"><a href="https://mybinder.org/v2/gh/OWNER/repo/main?'
+        '<div class="dropdown dropdown-launch-buttons"><a href="https://mybinder.org/v2/gh/someone/course/main?'
         'urlpath=lab/tree/book/03_exact_ablation.md">Binder</a></div>' if launch else ""
     )
     return (
@@ -49,6 +51,26 @@ def _navigation(sidebar_text: str, previous: str, notebook_button: str, launch: 
         '<a class="right-next" href="04_activation_patching.html">next</a></div>'
     )
 
+
+# Narrow-screen navigation as the book theme does it: ☰ and contents buttons open <dialog>s of links.
+PHONE_NAVIGATION = """
+<div class="bd-header-article"><button class="primary-toggle" onclick="document.getElementById('nav').showModal()">☰</button>
+<button class="secondary-toggle" onclick="document.getElementById('toc').showModal()">≡</button></div>
+<dialog id="nav" class="bd-sidebar-primary"><nav><a href="01_introduction.html">1. Introduction</a></nav></dialog>
+<dialog id="toc" class="bd-sidebar-secondary"><nav><a href="#s">Section</a></nav></dialog>"""
+# The defects of issue 12: buttons that only show a tooltip, a second search box in a top bar, a long word.
+PHONE_NAVIGATION_BROKEN = """
+<header id="pst-header" class="bd-header" style="height:40px"><button class="search-button-field">Search Ctrl+K</button></header>
+<div class="bd-header-article"><button class="primary-toggle" title="Toggle primary sidebar">☰</button>
+<button class="secondary-toggle" title="Toggle secondary sidebar">≡</button>
+<button class="search-button-field">Search Ctrl+K</button></div>
+<div class="bd-sidebar-primary" style="display:none"><nav><a href="01_introduction.html">1. Introduction</a></nav></div>
+<p><code style="white-space:nowrap">blocks.0.attn.hook_z_a_very_long_hook_name_that_does_not_wrap_on_a_phone_screen</code></p>"""
+# Desktop: the ☰ button collapses the sidebar in place and brings it back.
+DESKTOP_NAVIGATION = """
+<div class="bd-header-article"><button class="primary-toggle"
+  onclick="const s = document.getElementById('side'); s.hidden = !s.hidden">☰</button></div>
+<div id="side" class="bd-sidebar-primary"><nav><a href="01_introduction.html">1. Introduction</a></nav></div>"""
 
 HEATMAP = {"type": "heatmap", "z": [[1, 2, 3], [3, 1, 2], [2, 3, 1]]}
 SCATTER = {"type": "scatter", "mode": "markers", "x": list(range(20)), "y": [i % 7 for i in range(20)], "marker": {"size": 8}}
@@ -101,6 +123,22 @@ PAGES = {
         body='<script>console.error("synthetic console error");</script>'
         "<script>window.undefinedFunctionCall();</script><img src=\"missing.png\">",
     ),
+    "phone_ok": dict(title=f"Phone — {COURSE}", extra_head="", body=PHONE_NAVIGATION + "<p>Short text.</p>"),
+    "phone_broken": dict(title=f"Phone broken — {COURSE}", extra_head="", body=PHONE_NAVIGATION_BROKEN),
+    "desktop_ok": dict(title=f"Desktop — {COURSE}", extra_head="", body=DESKTOP_NAVIGATION),
+    "cloud": dict(
+        title=f"Cloud — {COURSE}",
+        extra_head="",
+        body=_figure("shared", [SCATTER], config={"showSendToCloud": True, "displaylogo": True})
+        + '<p><a href="https://github.com/OWNER/attribution-course">repository</a></p>',
+    ),
+    "light": dict(
+        title=f"Light — {COURSE}",
+        # as the book does it: plotly deferred and cache-busted, the figure's script a module (runs after it)
+        extra_head="",
+        plotly_tag='<script defer src="plotly.min.js?v=1"></script><script defer src="course-figures.js?v=1"></script>',
+        body=_figure("deferred", [SCATTER], script_type="module"),
+    ),
     "dark_unreadable": dict(
         title=f"Dark — {COURSE}",
         extra_head="",
@@ -124,6 +162,7 @@ def synthetic(tmp_path_factory, serve, browser, blocked_requests):
 
     root = tmp_path_factory.mktemp("synthetic-site")
     (root / "plotly.min.js").write_bytes((Path(plotly.__file__).parent / "package_data" / "plotly.min.js").read_bytes())
+    (root / "course-figures.js").write_bytes((harness.BOOK_DIR / "_static" / "course-figures.js").read_bytes())
     icon = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 30)).save(icon, format="PNG")
     (root / "icon.png").write_bytes(icon.getvalue())
@@ -136,10 +175,17 @@ def synthetic(tmp_path_factory, serve, browser, blocked_requests):
     for neighbour in ("01_introduction", "02_task_and_metric", "04_activation_patching"):
         (root / f"{neighbour}.html").write_text(f"<title>{neighbour}</title>")
     for name, parts in PAGES.items():
-        (root / f"{name}.html").write_text(HEAD.format(**parts))
+        (root / f"{name}.html").write_text(HEAD.format(**{"plotly_tag": '<script src="plotly.min.js"></script>', **parts}))
     server = serve(root)
     output = harness.OUTPUT_DIR / "self-test"
     reports = {}
+
+    def navigation(name: str, viewport: dict) -> harness.NavigationReport:
+        key = f"{name}@{viewport['width']}"
+        if key not in reports:
+            reports[key] = harness.navigation_visit(browser, server.url(f"{name}.html"), name, blocked_requests, viewport,
+                                                    output, render_timeout_ms=3_000)
+        return reports[key]
 
     def report(name: str) -> harness.PageReport:
         if name not in reports:
@@ -149,6 +195,7 @@ def synthetic(tmp_path_factory, serve, browser, blocked_requests):
             )
         return reports[name]
 
+    report.navigation = navigation
     return report
 
 
@@ -232,3 +279,51 @@ def test_figure_text_invisible_in_dark_theme_fails(synthetic):
     assert harness.text_contrast_problems(report, "dark"), report.figures
     readable = synthetic("dark_readable")
     assert harness.text_contrast_problems(readable, "dark") == [], readable.figures
+
+
+def test_phone_navigation_checks(synthetic):
+    working = synthetic.navigation("phone_ok", harness.PHONE_VIEWPORT)
+    assert harness.toggle_opens_problems(working, "primary", "☰") == []
+    assert harness.toggle_opens_problems(working, "secondary", "contents") == []
+    assert harness.overflow_problems(working) == [] and harness.top_bar_problems(working) == []
+    broken = synthetic.navigation("phone_broken", harness.PHONE_VIEWPORT)
+    assert "shows none of its links" in " ".join(harness.toggle_opens_problems(broken, "primary", "☰"))
+    assert "shows none of its links" in " ".join(harness.toggle_opens_problems(broken, "secondary", "contents"))
+    problems = " ".join(harness.top_bar_problems(broken))
+    assert "2 search fields" in problems and "top bar" in problems, problems
+    problems = harness.overflow_problems(broken)
+    assert problems and "scrolls sideways" in problems[0] and "hook_z" in problems[0], problems
+
+
+def test_desktop_collapse_check(synthetic):
+    assert harness.toggle_collapses_problems(synthetic.navigation("desktop_ok", harness.VIEWPORT), "primary", "☰") == []
+    # a button that opens a dialog is not a collapse of the visible sidebar
+    problems = harness.toggle_collapses_problems(synthetic.navigation("phone_ok", harness.VIEWPORT), "primary", "☰")
+    assert "no link of its panel is on screen before clicking" in " ".join(problems), problems
+
+
+def test_weight_budget_check(synthetic):
+    """The gzip test server sends plotly.js at about 1.5 MB: over the text-page budget, within the figure budget."""
+    report = synthetic("good")
+    assert 1_000_000 < report.transferred_bytes < harness.FIGURE_PAGE_BUDGET, report.transferred_bytes
+    assert harness.weight_problems(report, harness.FIGURE_PAGE_BUDGET) == []
+    assert "over the 1.0 MB budget" in " ".join(harness.weight_problems(report, 1_000_000))
+
+
+def test_heavy_script_check(synthetic):
+    assert harness.heavy_script_problems(synthetic("light")) == []
+    assert harness.figure_problems(synthetic("light"), 1) == []  # a deferred plotly still draws the module-script figure
+    problems = " ".join(harness.heavy_script_problems(synthetic("good")))
+    assert "blocks the page" in problems and "no cache-busting" in problems, problems
+    assert "loads plotly.js but shows no figure" in " ".join(harness.heavy_script_problems(synthetic("raw_math")))
+
+
+def test_cloud_and_placeholder_link_checks(synthetic):
+    # plotly.js 4 shows "Share chart..." (upload to Plotly Cloud) by default; the book's course-figures.js removes it
+    assert harness.cloud_link_problems(synthetic("light")) == []
+    default = " ".join(harness.cloud_link_problems(synthetic("good")))
+    assert "Share chart" in default and "showSendToCloud" in default, default
+    problems = " ".join(harness.cloud_link_problems(synthetic("cloud")))
+    assert "Share chart" in problems and "showSendToCloud, displaylogo" in problems, problems
+    assert harness.placeholder_link_problems(synthetic("good")) == []
+    assert "github.com/OWNER" in " ".join(harness.placeholder_link_problems(synthetic("cloud")))

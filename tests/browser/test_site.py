@@ -52,6 +52,17 @@ def course_title() -> str:
     return title
 
 
+@pytest.fixture(scope="session")
+def repository_url() -> str:
+    """The repository URL the book was built with ('' when unset: no launch or repository links)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("repository_links", BOOK_DIR / "_ext" / "repository_links.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.book_repository_url(BOOK_DIR / "_config.yml")
+
+
 def _assert_none(problems: list[str]):
     assert not problems, "\n".join(problems)
 
@@ -136,9 +147,58 @@ def test_exercises_notebook_downloads(site, chapter):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_download_and_launch_buttons(site, chapter):
-    """The header offers the page as .ipynb and .md (both fetchable) and launch links to a notebook service."""
-    _assert_none(harness.header_button_problems(site.report(chapter), chapter))
+def test_download_and_launch_buttons(site, chapter, repository_url):
+    """The header offers the page as .ipynb and .md (both fetchable); launch links only with a repository URL."""
+    _assert_none(harness.header_button_problems(site.report(chapter), chapter, expect_launch=bool(repository_url)))
+
+
+# ---------------------------------------------------------------- phones, navigation, weight
+
+
+@pytest.mark.parametrize("page", PAGES + ["search"])
+def test_no_horizontal_scrolling_on_a_phone(site, page):
+    _assert_none(harness.overflow_problems(site.navigation(page, harness.PHONE_VIEWPORT)))
+
+
+@pytest.mark.parametrize("page", CHAPTERS + ["bibliography"])
+def test_phone_navigation_and_page_contents_open(site, page):
+    """At 390 px the ☰ button shows the book's navigation and the contents button the page's sections."""
+    report = site.navigation(page, harness.PHONE_VIEWPORT)
+    _assert_none(
+        harness.toggle_opens_problems(report, "primary", "☰ navigation")
+        + (harness.toggle_opens_problems(report, "secondary", "page contents") if page in CHAPTERS else [])
+        + harness.top_bar_problems(report)
+    )
+
+
+@pytest.mark.parametrize("page", ["01_introduction", "05_first_order_approximation", "bibliography"])
+def test_desktop_menu_collapses_and_one_search_field(site, page):
+    report = site.navigation(page, harness.VIEWPORT)
+    _assert_none(harness.toggle_collapses_problems(report, "primary", "☰ navigation") + harness.top_bar_problems(report))
+
+
+@pytest.mark.parametrize("page", PAGES + ["search"])
+def test_page_weight_within_budget(site, page):
+    """Bytes over the wire (the test server gzips like GitHub Pages): 1.5 MB for text, 2.5 MB with figures."""
+    report = site.report(page) if page != "search" else site.report(
+        "search", query="?q=attribution", wait_for_selector="ul.search li", check_dark=False, click_downloads=False)
+    budget = harness.FIGURE_PAGE_BUDGET if report.figures else harness.TEXT_PAGE_BUDGET
+    _assert_none(harness.weight_problems(report, budget))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_plotly_and_mathjax_only_where_used_deferred_and_cache_busted(site, page):
+    _assert_none(harness.heavy_script_problems(site.report(page)))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p not in OTHER_PAGES])
+def test_figures_offer_no_link_to_plotly_cloud(site, page):
+    _assert_none(harness.cloud_link_problems(site.report(page)))
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_no_placeholder_repository_links(site, page):
+    _assert_none(harness.placeholder_link_problems(site.report(page)))
 
 
 # ---------------------------------------------------------------- the whole book
