@@ -20,8 +20,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from attribution_course import exercises as ex
-from attribution_course import grade
+from attribution_course.grading import generation as ex
+from attribution_course.grading import gradebook, grader, verdicts
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
