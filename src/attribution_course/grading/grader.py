@@ -49,13 +49,14 @@ from .verdicts import (
 
 DEFAULT_TIMEOUT = 300  # seconds per notebook
 DEFAULT_CELL_TIMEOUT = 60  # seconds per cell; nbval interrupts the kernel after it
+REFERENCE_TIMEOUT = 900  # seconds for a reference run (trusted code; a slow machine must not fail it)
 
 
 class ReferenceRuns:
     """The expected values of each chapter, from one run of its solutions notebook
     (in a sandbox of its own), shared by every submission of a batch."""
 
-    def __init__(self, solutions_dir: Path, *, timeout: float, sandboxed: bool):
+    def __init__(self, solutions_dir: Path = SOLUTIONS_DIR, *, timeout: float = REFERENCE_TIMEOUT, sandboxed: bool = True):
         self.solutions_dir, self.timeout, self.sandboxed = solutions_dir, timeout, sandboxed
         self._done: dict[str, dict[str, dict]] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -82,7 +83,7 @@ class ReferenceRuns:
 def grade_notebook(
     path: Path,
     *,
-    references: ReferenceRuns,
+    references: ReferenceRuns | None = None,
     exercises_dir: Path = EXERCISES_DIR,
     timeout: float = DEFAULT_TIMEOUT,
     cell_timeout: float = DEFAULT_CELL_TIMEOUT,
@@ -113,7 +114,7 @@ def grade_notebook(
         return _ungraded(submission, stem, S_MALFORMED, f"{path}: unexpected notebook structure ({err})", exercises_dir, start)
 
     outcome = run_nbval(graded_nb, timeout=timeout, cell_timeout=cell_timeout, sandboxed=sandboxed)
-    expected = references.expected(stem)
+    expected = (references or ReferenceRuns(sandboxed=sandboxed)).expected(stem)
     by_exercise = {ex: number for number, ex in graded_cells.items()}
     results = [
         decide(r, expected.get(r.id), outcome.records.get(r.id), outcome.cells.get(by_exercise[r.id]), cell_timeout)
@@ -178,7 +179,7 @@ def grade_batch(
         sandbox.check_available()
     submissions = find_submissions(folder)
     workers = workers or max(1, min(len(submissions), 2))
-    references = ReferenceRuns(solutions_dir, timeout=timeout, sandboxed=sandboxed)
+    references = ReferenceRuns(solutions_dir, sandboxed=sandboxed)
     results: dict[Path, NotebookResult] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.notebook.is_file():
         print(f"error: {args.notebook} does not exist or is not a file", file=sys.stderr)
         return 2
-    references = ReferenceRuns(args.solutions_dir, timeout=args.timeout, sandboxed=sandboxed)
+    references = ReferenceRuns(args.solutions_dir, sandboxed=sandboxed)
     stem = identify(_readable_or_empty(args.notebook), args.notebook)[0]
     if stem is not None:  # the reference run overlaps with the learner's run
         threading.Thread(target=_warm, args=(references, stem), daemon=True).start()
