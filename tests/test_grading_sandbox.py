@@ -208,3 +208,25 @@ def test_batch_grading_refuses_to_run_without_the_sandbox(tmp_path, monkeypatch)
                           str(tmp_path / "g.csv")], capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)))
     assert run.returncode == 2 and "--unsafe-no-sandbox" in run.stderr and "bwrap" in run.stderr, run.stderr
     assert not (tmp_path / "g.csv").exists()
+
+
+def test_audit_flags_reference_implementations_and_the_solutions_but_not_the_solutions_themselves():
+    from attribution_course.grading import audit
+    from test_grading import filled, learner_notebook
+
+    for stem in ex.NOTEBOOK_STEMS:  # the published solutions call helpers, never the reference implementations
+        reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+        implementations = audit.reference_implementations(
+            ex.read_notebook(ex.exercise_path(stem)), reference, ex.read_notebook(ex.solution_path(stem)))
+        assert implementations and audit.audit_notebook(filled(stem), reference, implementations) == [], stem
+    stem = "03_exact_ablation"
+    reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+    implementations = audit.reference_implementations(
+        ex.read_notebook(ex.exercise_path(stem)), reference, ex.read_notebook(ex.solution_path(stem)))
+    copied = learner_notebook(stem, {"3.4": ["resampled = patching.replacement_activations(model, 'head', kind='resample', "
+                                             "base_tokens=tokens, source_tokens=source_tokens)",
+                                             "return patching.exact_sweep(model, tokens, metric, resampled, 'head')"]})
+    copied.cells.append(nbformat.v4.new_code_cell("%run ../solutions/03_exact_ablation.ipynb"))
+    findings = audit.audit_notebook(copied, reference, implementations)
+    assert any("3.4" in f and "patching.exact_sweep" in f for f in findings), findings
+    assert any("solutions/03_exact_ablation" in f for f in findings), findings

@@ -18,6 +18,7 @@ S_GRADED, S_MALFORMED, S_UNKNOWN, S_TIMEOUT, S_CRASHED, S_ERROR = (
 
 CSV_COLUMNS = ("student", "chapter", "exercise", "verdict", "points", "max_points", "detail", "submission")
 TOTALS_COLUMNS = ("student", "chapter", "points", "max_points")
+AUDIT_COLUMNS = ("student", "chapter", "submission", "finding")
 UNKNOWN_CHAPTER = "(unknown)"
 
 
@@ -30,6 +31,7 @@ class NotebookResult:
     exercises: list[ExerciseResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    audit: list[str] = field(default_factory=list)  # for the instructor only (--audit)
 
     @property
     def all_passed(self) -> bool:
@@ -95,7 +97,11 @@ def totals_path(csv_path: Path) -> Path:
     return csv_path.with_name(csv_path.stem + "-totals.csv")
 
 
-def write_gradebook(results: list[NotebookResult], csv_path: Path, feedback_dir: Path) -> None:
+def audit_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.stem + "-audit.csv")
+
+
+def write_gradebook(results: list[NotebookResult], csv_path: Path, feedback_dir: Path, *, audit: bool = False) -> None:
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="", encoding="utf-8") as out:
         writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS)
@@ -106,6 +112,15 @@ def write_gradebook(results: list[NotebookResult], csv_path: Path, feedback_dir:
         writer = csv.DictWriter(out, fieldnames=TOTALS_COLUMNS)
         writer.writeheader()
         writer.writerows(totals(results))
+    if audit:
+        with open(audit_path(csv_path), "w", newline="", encoding="utf-8") as out:
+            writer = csv.DictWriter(out, fieldnames=AUDIT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(
+                {k: writable_text(str(v)) for k, v in dict(student=r.student, chapter=r.notebook or UNKNOWN_CHAPTER,
+                                                           submission=r.submission, finding=finding).items()}
+                for r in results for finding in r.audit
+            )
     feedback_dir.mkdir(parents=True, exist_ok=True)
     for result in results:
         name = writable_text(result.submission).replace(os.sep, "__").removesuffix(".ipynb") + ".txt"

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import functools
 import sys
 import threading
 import time
 from pathlib import Path
 
 from . import sandbox
+from .audit import audit_notebook, reference_implementations
 from .generation import EXERCISES_DIR, METADATA_KEY, NOTEBOOK_STEMS, SOLUTIONS_DIR, NotebookFormatError, read_notebook
 from .gradebook import (
     S_CRASHED, S_ERROR, S_GRADED, S_MALFORMED, S_TIMEOUT, S_UNKNOWN, NotebookResult, scorecard, write_gradebook,
@@ -58,7 +60,7 @@ class ReferenceRuns:
 
     def __init__(self, solutions_dir: Path = SOLUTIONS_DIR, *, timeout: float = REFERENCE_TIMEOUT, sandboxed: bool = True):
         self.solutions_dir, self.timeout, self.sandboxed = solutions_dir, timeout, sandboxed
-        self._done: dict[str, dict[str, dict]] = {}
+        self._done: dict[str, dict[str, dict] | Exception] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -67,8 +69,14 @@ class ReferenceRuns:
             lock = self._locks.setdefault(stem, threading.Lock())
         with lock:
             if stem not in self._done:
-                self._done[stem] = self._run(stem)
-            return self._done[stem]
+                try:
+                    self._done[stem] = self._run(stem)
+                except Exception as err:  # noqa: BLE001 - every submission of this chapter reports it
+                    self._done[stem] = err
+            done = self._done[stem]
+        if isinstance(done, Exception):
+            raise done
+        return done
 
     def _run(self, stem: str) -> dict[str, dict]:
         solution = read_notebook(self.solutions_dir / f"{stem}.ipynb")
@@ -89,8 +97,11 @@ def grade_notebook(
     cell_timeout: float = DEFAULT_CELL_TIMEOUT,
     sandboxed: bool = True,
     name: str | None = None,
+    audit: bool = False,
+    solutions_dir: Path = SOLUTIONS_DIR,
 ) -> NotebookResult:
-    """Grade one notebook. ``path`` is only read, never written."""
+    """Grade one notebook. ``path`` is only read, never written. ``audit``: also list calls
+    of reference implementations and mentions of the solutions (:mod:`.audit`)."""
     start = time.monotonic()
     submission = name or str(path)
     try:
@@ -126,7 +137,17 @@ def grade_notebook(
         if number not in graded_cells and status in ("failure", "error") and DEAD_BEFORE not in message:
             notes.append(f"a code cell (not graded) raised {exception_summary(message)}")
     status, detail = _notebook_status(outcome, timeout, cell_timeout, results)
-    return NotebookResult(submission, stem, status, detail, results, notes, time.monotonic() - start)
+    result = NotebookResult(submission, stem, status, detail, results, notes, time.monotonic() - start)
+    if audit:
+        result.audit = audit_notebook(learner, reference, _implementations(stem, exercises_dir, solutions_dir))
+    return result
+
+
+@functools.lru_cache(maxsize=None)
+def _implementations(stem: str, exercises_dir: Path, solutions_dir: Path) -> frozenset[str]:
+    reference = load_reference(stem, exercises_dir)
+    return frozenset(reference_implementations(
+        read_notebook(exercises_dir / f"{stem}.ipynb"), reference, read_notebook(solutions_dir / f"{stem}.ipynb")))
 
 
 def _notebook_status(outcome, timeout: float, cell_timeout: float, results: list[ExerciseResult]) -> tuple[str, str]:
@@ -173,6 +194,7 @@ def grade_batch(
     solutions_dir: Path = SOLUTIONS_DIR,
     sandboxed: bool = True,
     progress: bool = True,
+    audit: bool = False,
 ) -> list[NotebookResult]:
     """Grade every notebook under ``folder`` in parallel; write the CSV, its totals and feedback files."""
     if sandboxed:
@@ -186,6 +208,7 @@ def grade_batch(
             pool.submit(
                 grade_safely, path, name=str(path.relative_to(folder)), references=references,
                 exercises_dir=exercises_dir, timeout=timeout, cell_timeout=cell_timeout, sandboxed=sandboxed,
+                audit=audit, solutions_dir=solutions_dir,
             ): path
             for path in submissions
         }
@@ -196,7 +219,7 @@ def grade_batch(
                 print(f"{writable_text(result.submission)}: {result.status}, {result.points}/{result.max_points} points "
                       f"({result.seconds:.0f} s)", flush=True)
     ordered = [results[p] for p in submissions]
-    write_gradebook(ordered, csv_path, feedback_dir or csv_path.parent / "feedback")
+    write_gradebook(ordered, csv_path, feedback_dir or csv_path.parent / "feedback", audit=audit)
     return ordered
 
 
@@ -226,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exercises-dir", "--reference-dir", type=Path, default=EXERCISES_DIR,
                         help="generated exercises notebooks (default %(default)s)")
     parser.add_argument("--solutions-dir", type=Path, default=SOLUTIONS_DIR, help="solution notebooks (default %(default)s)")
+    parser.add_argument("--audit", action="store_true",
+                        help="also report calls of the package's reference implementations and uses of the published "
+                             "solutions (batch: written to <csv>-audit.csv)")
     parser.add_argument("--unsafe-no-sandbox", action="store_true",
                         help="run learner code without bubblewrap (never for other people's notebooks)")
     args = parser.parse_args(argv)
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         results = grade_batch(
             args.batch, args.csv, feedback_dir=args.feedback_dir, workers=args.workers, timeout=args.timeout,
             cell_timeout=args.cell_timeout, exercises_dir=args.exercises_dir, solutions_dir=args.solutions_dir,
-            sandboxed=sandboxed,
+            sandboxed=sandboxed, audit=args.audit,
         )
         complete = sum(r.all_passed for r in results)
         print(f"graded {len(results)} submission(s), {complete} fully correct; wrote {args.csv}")
@@ -268,8 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     if stem is not None:  # the reference run overlaps with the learner's run
         threading.Thread(target=_warm, args=(references, stem), daemon=True).start()
     result = grade_safely(args.notebook, references=references, exercises_dir=args.exercises_dir, timeout=args.timeout,
-                          cell_timeout=args.cell_timeout, sandboxed=sandboxed)
+                          cell_timeout=args.cell_timeout, sandboxed=sandboxed, audit=args.audit,
+                          solutions_dir=args.solutions_dir)
     print(scorecard(result))
+    for finding in result.audit:
+        print(f"  audit: {finding}")
     if result.status in (S_MALFORMED, S_UNKNOWN):
         return 2
     return 0 if result.all_passed else 1
