@@ -171,6 +171,12 @@ checks.plain_value = lambda value: value  # save the subclass itself
                     "for i in range(2000):", "    print('debug line', i, flush=True)"] + [line.strip() for line in body]
     chatty = learner_notebook(STEM, {"2.1": chatty_lines, "2.2": None, "2.3": None, "2.4": None})
     write(chatty, folder / "output_inside" / f"{STEM}.ipynb")
+    # ---- wrong answers that the notebook's own input does not show: caught by the hidden inputs
+    write(learner_notebook(STEM, {"2.1": None, "2.2": ["return 1.0"], "2.3": None, "2.4": None}),
+          folder / "constant_accuracy" / f"{STEM}.ipynb")
+    write(learner_notebook(STEM, {"2.1": None, "2.2": None, "2.3": None, "2.4": [
+        "return (clean_tokens != corrupted_tokens).all(dim=0).nonzero().flatten().tolist()"]}),
+          folder / "all_not_any" / f"{STEM}.ipynb")
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +239,15 @@ def test_cheats_earn_no_points(hostile_batch):
         assert sum(int(rows[(f"{who}/{STEM}.ipynb", i)]["points"]) for i in IDS) == 0
     assert verdicts_of(rows, "monkeypatch") == ["wrong"] * 4
     assert verdicts_of(rows, "tensor_subclass")[0] == "wrong" and verdicts_of(rows, "tensor_subclass")[2] == "wrong"
+
+
+def test_hidden_inputs_catch_what_the_notebook_input_does_not_show(hostile_batch):
+    rows, *_ = hostile_batch
+    for who, exercise in (("constant_accuracy", "2.2"), ("all_not_any", "2.4")):
+        row = rows[(f"{who}/{STEM}.ipynb", exercise)]
+        assert row["verdict"] == "wrong" and "hidden input" in row["detail"], row
+        others = [rows[(f"{who}/{STEM}.ipynb", i)]["verdict"] for i in IDS if i != exercise]
+        assert others == ["passed"] * 3, (who, others)
 
 
 def test_correct_work_written_unusually_gets_full_marks(hostile_batch):

@@ -230,3 +230,30 @@ def test_audit_flags_reference_implementations_and_the_solutions_but_not_the_sol
     findings = audit.audit_notebook(copied, reference, implementations)
     assert any("3.4" in f and "patching.exact_sweep" in f for f in findings), findings
     assert any("solutions/03_exact_ablation" in f for f in findings), findings
+
+
+def test_hidden_inputs_are_compared_too():
+    ref = notebooks.load_reference("02_task_and_metric", ex.EXERCISES_DIR)[1]
+    expected = {"expected": 1.0, "hidden": [0.375], "atol": 1e-6, "rtol": 0.0, "what": "top-1 accuracy"}
+    constant = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": [{"status": RETURNED, "value": 1.0, "detail": ""}]}
+    right = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": [{"status": RETURNED, "value": 0.375, "detail": ""}]}
+    skipped = {"status": RETURNED, "value": 1.0, "detail": ""}
+    wrong = verdicts.decide(ref, expected, constant, None, 60)
+    assert wrong.verdict == verdicts.V_WRONG and "hidden input 1 of 1" in wrong.detail, wrong
+    assert verdicts.decide(ref, expected, right, None, 60).verdict == verdicts.V_PASSED
+    assert verdicts.decide(ref, expected, skipped, None, 60).verdict == verdicts.V_WRONG
+
+
+def test_hidden_inputs_tell_common_mistakes_apart(monkeypatch):
+    from attribution_course.grading import hidden
+
+    monkeypatch.setenv(hidden.SEED_ENV, "7")
+    (logits, io, end), = hidden.hidden_inputs("2.2")
+    accuracy = (logits[:, end].argmax(-1) == io).float().mean().item()
+    assert 0 < accuracy < 1  # a constant 0 or 1 is wrong
+    (clean, corrupted), = hidden.hidden_inputs("2.4")
+    assert (clean != corrupted).any(0).sum() > (clean != corrupted).all(0).sum()  # .all is not .any
+    (logits, io, s, end), = hidden.hidden_inputs("2.1")
+    assert end != logits.shape[1] - 1 and bool((io != s).all())  # the last position is not the answer
+    monkeypatch.setenv(hidden.SEED_ENV, "8")
+    assert not torch.equal(hidden.hidden_inputs("2.2")[0][0], logits)  # drawn anew for each grading run

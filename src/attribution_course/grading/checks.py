@@ -17,7 +17,8 @@ That line is feedback only: no grade is decided in a learner's kernel. The grade
 (:mod:`attribution_course.grading.grader`) rewrites each graded cell of its copies:
 
 * in the learner's copy the call becomes :func:`submit`, without the ``expected=``
-  argument, so it only calls the learner's function and saves what it returned;
+  argument, so it only calls the learner's function and saves what it returned (also
+  on the exercise's hidden inputs, :mod:`attribution_course.grading.hidden`);
 * in the reference copy (the solutions notebook, run in a separate process) it becomes
   :func:`record_reference`, which saves the expected value and the tolerances.
 
@@ -38,6 +39,7 @@ from typing import Any, Callable
 import torch
 
 from .compare import _one_line, compare
+from .hidden import hidden_inputs
 
 #: Directory (in the grading sandbox) the recorders write one ``<exercise>.pt`` file to.
 RESULTS_ENV = "ATTRIBUTION_COURSE_RESULTS"
@@ -126,12 +128,21 @@ def submit(exercise: str, function: Callable[..., Any], *args: Any, name: str | 
     """Learner's copy: call the learner's function and save what it returned (no verdict here)."""
     label = name or getattr(function, "__name__", "function")
     status, got, detail = call_learner_function(function, args, kwargs)
-    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None}
+    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None, "hidden": []}
     if status == RETURNED:
         try:
             record["value"] = plain_value(got)
         except TypeError as err:
             record.update(status=RAISED, detail=f"returned {err}, which cannot be graded")
+    if record["status"] == RETURNED:
+        function = _notebook_function(label)
+        for hidden_args in hidden_inputs(exercise):
+            status, got, detail = call_learner_function(function, hidden_args, {})
+            try:
+                value = plain_value(got) if status == RETURNED else None
+            except TypeError as err:
+                status, value, detail = RAISED, None, f"returned {err}, which cannot be graded"
+            record["hidden"].append({"status": status, "value": value, "detail": detail})
     _save(exercise, record)
     print(f"ex {exercise} {label}: submitted for grading")
 
@@ -140,9 +151,26 @@ def record_reference(
     exercise: str, *, expected: Any, atol: float = 1e-4, rtol: float = 1e-3, what: str = "the result", name: str = ""
 ) -> None:
     """Reference copy: save the expected value and how to compare with it."""
-    _save(exercise, {"exercise": exercise, "name": name, "expected": plain_value(expected),
+    solution = _notebook_function(name)
+    hidden = [plain_value(solution(*hidden_args)) for hidden_args in hidden_inputs(exercise)]
+    _save(exercise, {"exercise": exercise, "name": name, "expected": plain_value(expected), "hidden": hidden,
                      "atol": float(atol), "rtol": float(rtol), "what": str(what)})
     print(f"ex {exercise}: reference recorded")
+
+
+def _notebook_function(name: str) -> Callable[..., Any]:
+    """The function ``name`` as the notebook defines it now (for the hidden inputs)."""
+    from IPython import get_ipython
+
+    shell = get_ipython()
+    function = shell.user_ns.get(name) if shell is not None else None
+    if callable(function):
+        return function
+
+    def missing(*args, **kwargs):
+        raise NameError(f"the notebook defines no function {name}")
+
+    return missing
 
 
 def plain_value(value: Any) -> Any:

@@ -31,12 +31,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import functools
+import secrets
 import sys
 import threading
 import time
 from pathlib import Path
 
 from . import sandbox
+from .hidden import SEED_ENV
 from .audit import audit_notebook, reference_implementations
 from .generation import EXERCISES_DIR, METADATA_KEY, NOTEBOOK_STEMS, SOLUTIONS_DIR, NotebookFormatError, read_notebook
 from .gradebook import (
@@ -50,7 +52,7 @@ from .verdicts import (
 )
 
 DEFAULT_TIMEOUT = 300  # seconds per notebook
-DEFAULT_CELL_TIMEOUT = 60  # seconds per cell; nbval interrupts the kernel after it
+DEFAULT_CELL_TIMEOUT = 60  # CPU seconds per cell (wall clock: 10 times that); then the kernel is interrupted
 REFERENCE_TIMEOUT = 900  # seconds for a reference run (trusted code; a slow machine must not fail it)
 
 
@@ -60,6 +62,8 @@ class ReferenceRuns:
 
     def __init__(self, solutions_dir: Path = SOLUTIONS_DIR, *, timeout: float = REFERENCE_TIMEOUT, sandboxed: bool = True):
         self.solutions_dir, self.timeout, self.sandboxed = solutions_dir, timeout, sandboxed
+        # one draw of hidden inputs for the whole batch (hidden.py), shared with every learner run
+        self.env = {SEED_ENV: str(secrets.randbelow(10**9))}
         self._done: dict[str, dict[str, dict] | Exception] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -81,7 +85,7 @@ class ReferenceRuns:
     def _run(self, stem: str) -> dict[str, dict]:
         solution = read_notebook(self.solutions_dir / f"{stem}.ipynb")
         outcome = run_nbval(prepare_reference_copy(solution), timeout=self.timeout, cell_timeout=self.timeout,
-                            sandboxed=self.sandboxed)
+                            sandboxed=self.sandboxed, extra_env=self.env)
         records = {ex: r for ex, rec in outcome.records.items() if (r := valid_reference(rec)) is not None}
         if not records:
             raise RuntimeError(f"the reference run of {stem} recorded nothing: {short(outcome.output[-2000:])}")
@@ -124,8 +128,9 @@ def grade_notebook(
     except Exception as err:  # noqa: BLE001 - JSON that is valid but odd
         return _ungraded(submission, stem, S_MALFORMED, f"{path}: unexpected notebook structure ({err})", exercises_dir, start)
 
-    outcome = run_nbval(graded_nb, timeout=timeout, cell_timeout=cell_timeout, sandboxed=sandboxed)
-    expected = (references or ReferenceRuns(sandboxed=sandboxed)).expected(stem)
+    references = references or ReferenceRuns(sandboxed=sandboxed)
+    outcome = run_nbval(graded_nb, timeout=timeout, cell_timeout=cell_timeout, sandboxed=sandboxed, extra_env=references.env)
+    expected = references.expected(stem)
     by_exercise = {ex: number for number, ex in graded_cells.items()}
     results = [
         decide(r, expected.get(r.id), outcome.records.get(r.id), outcome.cells.get(by_exercise[r.id]), cell_timeout)
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--feedback-dir", type=Path, help="per-submission feedback files (default: feedback/ next to the CSV)")
     parser.add_argument("--workers", type=int, help="notebooks graded at once (default: 2)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per notebook (default %(default)s)")
-    parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT, help="seconds per cell (default %(default)s)")
+    parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT, help="CPU seconds per cell; a cell that waits is stopped after 10 times that in wall-clock time (default %(default)s)")
     parser.add_argument("--exercises-dir", "--reference-dir", type=Path, default=EXERCISES_DIR,
                         help="generated exercises notebooks (default %(default)s)")
     parser.add_argument("--solutions-dir", type=Path, default=SOLUTIONS_DIR, help="solution notebooks (default %(default)s)")

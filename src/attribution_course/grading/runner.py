@@ -38,7 +38,7 @@ class RunOutcome:
 
 def run_nbval(
     nb: nbformat.NotebookNode, *, timeout: float, cell_timeout: float, threads: int = 1,
-    sandboxed: bool = True, limits: sandbox.Limits = sandbox.Limits(),
+    sandboxed: bool = True, limits: sandbox.Limits = sandbox.Limits(), extra_env: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Run ``nb`` with nbval in a fresh kernel (in its own sandbox unless ``sandboxed=False``)."""
     host_dir = Path(tempfile.mkdtemp(prefix="grade-"))
@@ -51,11 +51,11 @@ def run_nbval(
             RESULTS_ENV: str(inside / "results"), "HF_HUB_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             "TOKENIZERS_PARALLELISM": "false",
             # the model is tiny: one thread per kernel is faster than several spin-waiting on a busy machine
-            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {}),
         }
         command = [
             sys.executable, "-m", "pytest", "submission.ipynb", "--nbval-lax", "--nbval-current-env",
-            f"--nbval-cell-timeout={cell_timeout}", f"--junitxml={inside / 'junit.xml'}", "-p", "no:cacheprovider",
+            f"--nbval-cell-timeout={cell_timeout}", "--nbval-kernel-startup-timeout=600", f"--junitxml={inside / 'junit.xml'}", "-p", "no:cacheprovider",
             "-p", "attribution_course.grading.nbval_watchdog", "-q", "--rootdir", str(inside), "-c", os.devnull,
         ]
         if sandboxed:

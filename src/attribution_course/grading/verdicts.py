@@ -92,11 +92,11 @@ def decide(
     if DEAD_BEFORE in message:
         return result(V_NOT_GRADED, "not run: the kernel had died in an earlier cell")
     if NOT_INTERRUPTIBLE in message:
-        return result(V_WRONG, f"did not finish within {cell_timeout:g} s and ignored the interrupt; the kernel was stopped")
+        return result(V_WRONG, f"did not finish within {cell_timeout:g} s of CPU time and ignored the interrupt; the kernel was stopped")
     if EARLIER_HANG in message:
         return result(V_NOT_GRADED, "not run: an earlier cell hung and the kernel was stopped")
     if TIMEOUT in message:
-        return result(V_WRONG, f"did not finish within {cell_timeout:g} s and was interrupted; is there an infinite loop?")
+        return result(V_WRONG, f"did not finish within {cell_timeout:g} s of CPU time and was interrupted; is there an infinite loop?")
     if status == "passed":
         return result(V_WRONG, "the graded cell ran but saved no result (was the grader's recorder replaced?)")
     return result(V_WRONG, "the check cell raised " + exception_summary(message))
@@ -119,7 +119,26 @@ def _judge(submitted, expected: dict, result) -> ExerciseResult:
         return result(V_WRONG, f"returned {err}, which cannot be graded (return plain tensors, numbers or lists)")
     atol, rtol = float(expected["atol"]), float(expected["rtol"])
     ok, explanation = compare(got, expected["expected"], atol=atol, rtol=rtol, what=str(expected["what"]))
-    return result(V_PASSED) if ok else result(V_WRONG, explanation)
+    if not ok:
+        return result(V_WRONG, explanation)
+    wanted = expected.get("hidden") or []
+    tried = submitted.get("hidden")
+    tried = tried if isinstance(tried, list) else []
+    for number, want in enumerate(wanted, 1):
+        where = f"on hidden input {number} of {len(wanted)} (drawn at grading time)"
+        attempt = tried[number - 1] if number <= len(tried) and isinstance(tried[number - 1], dict) else {}
+        if attempt.get("status") != RETURNED:
+            reason = attempt.get("detail") if isinstance(attempt.get("detail"), str) else "no result was saved"
+            return result(V_WRONG, f"{where}: {reason}")
+        try:
+            value = validate_plain(attempt.get("value"))
+        except NotPlain as err:
+            return result(V_WRONG, f"{where}: returned {err}, which cannot be graded")
+        ok, explanation = compare(value, want, atol=atol, rtol=rtol, what="the result")
+        if not ok:
+            return result(V_WRONG, f"{where}: {explanation} (right on the notebook's input: a constant, or a "
+                                   "mistake that input does not show?)")
+    return result(V_PASSED)
 
 
 def valid_reference(record) -> dict | None:
