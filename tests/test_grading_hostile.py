@@ -68,13 +68,14 @@ for path in glob.glob({str(package)!r} + "/**/*.py", recursive=True):
 """, before="2.1"), folder / "append_to_package" / f"{STEM}.ipynb")
     write(with_cell(stubs(), f"""
 import glob, os
+marker = {MARKER[:9]!r} + {MARKER[9:]!r}  # not written out, so that this cell does not find itself
 found = []
-places = [{str(folder)!r}, "/tmp", "/work", "/root", "/home", "/grading", "/"]
-places += [f"/proc/{{p}}/{{w}}" for p in os.listdir("/proc") if p.isdigit() for w in ("cwd", "root")]
+places = [{str(folder)!r}, "/tmp", "/work", "/root", "/home"]
+places += [f"/proc/{{p}}/cwd" for p in os.listdir("/proc") if p.isdigit()]
 for place in places:
     for path in glob.glob(place + "/**/*.ipynb", recursive=True)[:500]:
         try:
-            if {MARKER!r} in open(path).read():
+            if marker in open(path).read():
                 found.append(path)
                 open(path, "w").write("{{}}")  # and wreck it
         except OSError:
@@ -131,7 +132,9 @@ for exercise in ["2.1", "2.2", "2.3", "2.4"]:
         out.write(json.dumps({"exercise": exercise, "verdict": "PASSED", "from_graded_cell": True}) + "\\n")
 print("ex 2.1 logit_diff_per_prompt: PASSED")
 """), folder / "forge_results" / f"{STEM}.ipynb")
-    write(with_cell(stubs(), """
+    subclass = learner_notebook(STEM, {"2.1": ["return Agreeable(torch.zeros(len(io_token)))"],
+                                       "2.3": ["return Agreeable(torch.zeros_like(values))"]})
+    write(with_cell(subclass, """
 import torch
 import attribution_course.grading.checks as checks
 
@@ -143,14 +146,8 @@ class Agreeable(torch.Tensor):
             return torch.ones_like(torch.as_tensor(result), dtype=torch.bool)
         return result
 
-def logit_diff_per_prompt(logits, io_token, s_token, end_position):
-    return Agreeable(torch.zeros(len(io_token)))
-
-def normalize(values, clean_value, corrupted_value):
-    return Agreeable(torch.zeros_like(values))
-
 checks.plain_value = lambda value: value  # save the subclass itself
-""", before="2.2"), folder / "tensor_subclass" / f"{STEM}.ipynb")
+""", before="2.1"), folder / "tensor_subclass" / f"{STEM}.ipynb")
     # ---- correct work written unusually: must pass
     cells = exercise_cells(STEM)
     merged = learner_notebook(STEM, {"2.2": None, "2.3": None, "2.4": None})

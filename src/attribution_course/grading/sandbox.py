@@ -21,20 +21,17 @@ One run = one ``bwrap`` sandbox (Debian package ``bubblewrap``, installed by
 from __future__ import annotations
 
 import functools
-import itertools
+import secrets
 import os
 import shutil
 import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 #: The writable working directory inside the sandbox.
 SANDBOX_WORKDIR = "/grading"
-_FIRST_UID = 61000  # user ids for sandboxed runs when the grader runs as root (one per run)
-_uid_counter = itertools.count()
-_uid_lock = threading.Lock()
+_FIRST_UID = 1_000_000  # user ids for sandboxed runs when the grader runs as root (one per run)
 
 
 class SandboxUnavailable(RuntimeError):
@@ -71,11 +68,13 @@ def _system_binds() -> list[str]:
 
 
 def run_as_uid() -> int | None:
-    """A fresh user id for one run when the grader is root (else None: the grader's own)."""
+    """A fresh user id for one run when the grader is root (else None: the grader's own).
+
+    Drawn at random from a large range, so that runs of graders started side by side do
+    not share a user id (and its process limit)."""
     if os.geteuid() != 0:
         return None
-    with _uid_lock:
-        return _FIRST_UID + next(_uid_counter) % 1000
+    return _FIRST_UID + secrets.randbelow(2**30)
 
 
 def sandboxed_command(
