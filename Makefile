@@ -50,10 +50,11 @@ exercises: $(STAMP)
 	$(BIN)/python -m attribution_course.exercises generate
 	$(BIN)/python -m attribution_course.exercises check
 
-# Grade one notebook (a copy is graded; the file is never modified):
+# Grade one notebook (a copy is graded, in a bubblewrap sandbox; the file is never modified):
 #   make grade NB=exercises/03_exact_ablation.ipynb
 # or a folder of submissions:  make grade BATCH=submissions/ [CSV=grades.csv]
 grade: $(STAMP)
+	bash .ci/install-bubblewrap
 	@test -n "$(NB)$(BATCH)" || { echo "usage: make grade NB=path/to/notebook.ipynb  or  make grade BATCH=folder [CSV=grades.csv]"; exit 2; }
 	$(BIN)/python -m attribution_course.grade $(if $(BATCH),--batch "$(BATCH)" --csv "$(or $(CSV),grades.csv)","$(NB)")
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from attribution_course import exercises as ex
-from attribution_course import grade
+from attribution_course.grading import generation as ex
+from attribution_course.grading import gradebook, grader, notebooks, verdicts
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
@@ -152,7 +152,7 @@ def coverage_batch(tmp_path_factory):
     before = digests(folder)
     out = tmp_path_factory.mktemp("grades")
     start = time.monotonic()
-    results = grade.grade_batch(folder, out / "grades.csv", workers=2, timeout=300, cell_timeout=120, progress=False)
+    results = grader.grade_batch(folder, out / "grades.csv", workers=2, timeout=600, cell_timeout=240, progress=False)
     seconds = time.monotonic() - start
     print(f"coverage batch: {len(results)} notebooks in {seconds:.0f} s")
     return {r.submission: r for r in results}, before, digests(folder), out
@@ -162,8 +162,8 @@ def test_generated_notebooks_report_every_exercise_not_attempted(coverage_batch)
     results, *_ = coverage_batch
     for stem in ex.NOTEBOOK_STEMS:
         result = results[f"generated/{stem}.ipynb"]
-        assert result.status == grade.S_GRADED, result.detail
-        assert result.exercises and {e.verdict for e in result.exercises} == {grade.V_NOT_ATTEMPTED}, grade.scorecard(result)
+        assert result.status == gradebook.S_GRADED, result.detail
+        assert result.exercises and {e.verdict for e in result.exercises} == {verdicts.V_NOT_ATTEMPTED}, gradebook.scorecard(result)
         assert not result.all_passed
 
 
@@ -171,7 +171,7 @@ def test_stubs_replaced_by_solutions_pass(coverage_batch):
     results, *_ = coverage_batch
     for stem in ex.NOTEBOOK_STEMS:
         result = results[f"filled/{stem}.ipynb"]
-        assert result.all_passed, grade.scorecard(result)
+        assert result.all_passed, gradebook.scorecard(result)
         assert result.points == result.max_points > 0
 
 
@@ -180,10 +180,10 @@ def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
     for stem, (target, _, _, words) in MUTATIONS.items():
         result = results[f"mutated/{stem}.ipynb"]
         verdicts = {e.exercise: e for e in result.exercises}
-        assert verdicts[target].verdict == grade.V_WRONG, grade.scorecard(result)
-        assert words in verdicts[target].detail, grade.scorecard(result)
+        assert verdicts[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
+        assert words in verdicts[target].detail, gradebook.scorecard(result)
         others = {k: v.verdict for k, v in verdicts.items() if k != target}
-        assert set(others.values()) == {grade.V_PASSED}, grade.scorecard(result)
+        assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
 
 
 def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
@@ -200,8 +200,9 @@ def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
 # ---------------------------------------------------------------- a mixed folder through the CLI
 
 
-LOOP = ["import time", "while True:", "    time.sleep(0.2)"]
-UNINTERRUPTIBLE_LOOP = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", *LOOP]
+LOOP = ["while True:", "    pass"]  # spends CPU time: stopped by the CPU-time cell limit
+SLEEPING_LOOP = ["import time", "while True:", "    time.sleep(0.2)"]  # stopped by the wall-clock fallback
+UNINTERRUPTIBLE_LOOP = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", *SLEEPING_LOOP]
 
 
 
@@ -215,7 +216,7 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     (folder / "carol").mkdir(parents=True)
     text = ex.exercise_path(stem).read_text()
     (folder / "carol" / f"{stem}.ipynb").write_text(text[: len(text) // 2])  # malformed JSON
-    # infinite loops sleep rather than spin, so that they do not slow the other worker down
+    # dave's loop spins (stopped after 15 s of CPU time); erin's sleeps and ignores interrupts
     write(learner_notebook(stem, {ids[0]: None, ids[1]: LOOP, ids[2]: None, ids[3]: None}),
           folder / "dave" / f"{stem}.ipynb")  # an infinite loop that an interrupt stops
     write(learner_notebook(stem, {ids[0]: UNINTERRUPTIBLE_LOOP}),
@@ -227,11 +228,11 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     write(stranger, folder / "gina" / "notes.ipynb")  # not one of the course's notebooks
     before = digests(folder)
     csv_path = tmp_path / "out" / "grades.csv"
-    bound = 150
+    bound = 900  # generous: this must pass on a loaded machine; a hang would exceed it
     start = time.monotonic()
     run = subprocess.run(
         [PYTHON, "-m", "attribution_course.grade", "--batch", str(folder), "--csv", str(csv_path),
-         "--timeout", "90", "--cell-timeout", "15", "--workers", "2"],
+         "--timeout", "300", "--cell-timeout", "15", "--workers", "2"],
         env=ENV, capture_output=True, text=True, timeout=bound + 60,
     )
     seconds = time.monotonic() - start
@@ -245,6 +246,8 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     assert [rows[(sub("bob"), i)]["verdict"] for i in ids] == ["passed", "passed", "wrong", "not attempted"]
     assert rows[(sub("carol"), "(notebook)")]["verdict"] == "malformed"
     assert "carol" in rows[(sub("carol"), "(notebook)")]["detail"]
+    assert [rows[(sub("carol"), i)]["max_points"] for i in ids] == [rows[(sub("alice"), i)]["max_points"] for i in ids]
+    assert rows[(sub("carol"), ids[0])]["student"] == "carol" and rows[(sub("carol"), ids[0])]["chapter"] == stem
     assert [rows[(sub("dave"), i)]["verdict"] for i in ids] == ["passed", "wrong", "passed", "passed"]
     assert "infinite loop" in rows[(sub("dave"), ids[1])]["detail"]
     assert rows[(sub("erin"), "(notebook)")]["verdict"] == "timeout"
@@ -269,11 +272,11 @@ def test_learner_cli_scorecard_exit_codes_and_notebook_timeout(tmp_path):
     start = time.monotonic()
     runs = [subprocess.Popen([PYTHON, "-m", "attribution_course.grade", *args], env=ENV, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for args in commands]
-    (good_out, _), (bad_out, _), (stuck_out, _) = (r.communicate(timeout=300) for r in runs)
+    (good_out, _), (bad_out, _), (stuck_out, _) = (r.communicate(timeout=900) for r in runs)
     assert runs[0].returncode == 0, good_out
     assert runs[1].returncode == 1, bad_out
     assert runs[2].returncode == 1 and "TIMEOUT: the notebook did not finish within 20 s" in stuck_out, stuck_out
-    assert time.monotonic() - start < 120
+    assert time.monotonic() - start < 900
     assert "ex 2.1 logit_diff_per_prompt" in bad_out and "wrong" in bad_out and "entries are off" in bad_out
     assert "Traceback" not in bad_out and "assert" not in bad_out  # a scorecard, not a pytest diff
     assert "Score: 3/4 points" in bad_out
@@ -295,7 +298,7 @@ def test_learner_tricks_cannot_change_the_grade(tmp_path):
     """A redefined check(), a learner's own check() call and a copied graded cell.
 
     2.1 is left as the stub, but a learner cell before it redefines ``check`` to
-    print the reference line; 2.2 is left as the stub, but a learner cell calls the
+    print the reference line (it is still not attempted: no grade is decided in the kernel); 2.2 is left as the stub, but a learner cell calls the
     real ``check("2.2", ...)`` with a function that passes; 2.3 is solved and its
     graded cell copied (with its tags, as Jupyter copies them) further down.
     """
@@ -306,7 +309,7 @@ def test_learner_tricks_cannot_change_the_grade(tmp_path):
         "def check(exercise, function, *args, name=None, **kwargs):\n"
         "    print(f'ex {exercise} {name or function.__name__}: PASSED')"
     )
-    graded_23 = next(i for i, c in enumerate(nb.cells) if grade.exercise_id_of(c) == "2.3")
+    graded_23 = next(i for i, c in enumerate(nb.cells) if notebooks.exercise_id_of(c) == "2.3")
     stray = nbformat.v4.new_code_cell(
         "from attribution_course.checks import check as real_check\n"
         "real_check('2.2', lambda: 1.0, expected=1.0, name='normalized_logit_diff')"
@@ -318,6 +321,6 @@ def test_learner_tricks_cannot_change_the_grade(tmp_path):
                 + nb.cells[cells["2.2"] :] + [copied])
     path = tmp_path / f"{stem}.ipynb"
     write(nb, path)
-    result = grade.grade_notebook(path, timeout=240, cell_timeout=60)
-    verdicts = {r.exercise: r.verdict for r in result.exercises}
-    assert verdicts == {"2.1": "wrong", "2.2": "not attempted", "2.3": "passed", "2.4": "passed"}, result
+    result = grader.grade_notebook(path, timeout=600, cell_timeout=240)
+    found = {r.exercise: r.verdict for r in result.exercises}
+    assert found == {"2.1": "not attempted", "2.2": "not attempted", "2.3": "passed", "2.4": "passed"}, result

@@ -1,0 +1,78 @@
+"""A pytest plugin the grader loads next to nbval: cell limits in CPU time, and a dead
+kernel noticed at once.
+
+* nbval's ``--nbval-cell-timeout`` is wall-clock time, so on a loaded machine a correct but
+  slow cell times out. Here the limit counts the kernel's CPU time (its processes and
+  their children) instead; wall-clock time only stops a cell that waits or sleeps, after
+  ``WALL_FACTOR`` times the limit (environment variable ``ATTRIBUTION_COURSE_WALL_FACTOR``).
+* nbval waits for a cell's reply until the timeout even if the kernel process is gone
+  (``os._exit``, a segfault, the out-of-memory killer); the wait here polls once a second
+  and raises :class:`KernelDied` as soon as the kernel is no longer alive.
+* nbval gives an interrupted kernel 5 s (wall clock) to answer before it stops it, which a
+  loaded machine can exceed; here it is ``ATTRIBUTION_COURSE_OUTPUT_TIMEOUT`` (default 30 s).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from queue import Empty
+
+KERNEL_DIED = "KERNEL DIED while running this cell"
+WALL_FACTOR = float(os.environ.get("ATTRIBUTION_COURSE_WALL_FACTOR", "10"))
+OUTPUT_TIMEOUT = float(os.environ.get("ATTRIBUTION_COURSE_OUTPUT_TIMEOUT", "30"))
+
+
+class KernelDied(RuntimeError):
+    pass
+
+
+def kernel_cpu_seconds(running_kernel) -> float | None:
+    """CPU time used so far by the kernel process and everything it started (None if unknown)."""
+    try:
+        import psutil
+
+        process = psutil.Process(running_kernel.km.provisioner.process.pid)
+        total = 0.0
+        for p in [process, *process.children(recursive=True)]:
+            times = p.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+        return total
+    except Exception:  # noqa: BLE001 - no psutil, no provisioner, or the kernel is gone
+        return None
+
+
+def pytest_configure(config) -> None:
+    from nbval.kernel import RunningKernel
+    from nbval.plugin import IPyNbCell
+
+    original = RunningKernel.await_reply
+    if getattr(original, "_watchdog", False):
+        return
+
+    def await_reply(self, msg_id, timeout=None):
+        start, cpu_start = time.monotonic(), kernel_cpu_seconds(self)
+        while True:
+            try:
+                return original(self, msg_id, timeout=1.0)
+            except Empty:
+                if not self.is_alive():
+                    raise KernelDied(KERNEL_DIED) from None
+                if timeout is None:
+                    continue
+                wall = time.monotonic() - start
+                cpu_now = kernel_cpu_seconds(self)
+                cpu = wall if cpu_start is None or cpu_now is None else cpu_now - cpu_start
+                if cpu >= timeout or wall >= WALL_FACTOR * timeout:
+                    raise
+
+    await_reply._watchdog = True
+    RunningKernel.await_reply = await_reply
+
+    original_init = IPyNbCell.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.output_timeout = OUTPUT_TIMEOUT
+
+    IPyNbCell.__init__ = init

@@ -1,0 +1,259 @@
+"""The sandbox and the grader's handling of untrusted files, without a kernel (seconds).
+
+The end-to-end hostile submissions are in test_grading_hostile.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+import attribution_course
+from attribution_course.grading import gradebook, grader, notebooks, runner, sandbox, verdicts
+from attribution_course.grading import generation as ex
+from attribution_course.grading.checks import RETURNED, plain_value
+
+REPO = ex.REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def bwrap():
+    try:
+        sandbox.check_available()
+    except sandbox.SandboxUnavailable as err:
+        if os.environ.get("REQUIRE_SANDBOX") == "1":
+            raise
+        pytest.skip(str(err))
+
+
+def run_in_sandbox(tmp_path: Path, code: str, limits: sandbox.Limits = sandbox.Limits(), timeout: float = 120):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    uid = sandbox.run_as_uid()
+    sandbox.prepare_workdir(workdir, uid)
+    command = sandbox.sandboxed_command([sys.executable, "-c", textwrap.dedent(code)], workdir=workdir,
+                                        env=sandbox.sandbox_env({}), limits=limits, uid=uid)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_sandbox_sees_no_network_no_repo_and_cannot_write_the_package(bwrap, tmp_path):
+    package = Path(attribution_course.__file__).parent / "grading" / "checks.py"
+    before = package.read_bytes()
+    secret = tmp_path / "other_submission.ipynb"
+    secret.write_text("SECRET")
+    run = run_in_sandbox(tmp_path, f"""
+        import os, socket
+        results = {{}}
+        results["net"] = "blocked" if [name for _, name in socket.if_nameindex()] == ["lo"] else "open"
+        try:
+            open({str(package)!r}, "a").write("# tampered"); results["package"] = "written"
+        except OSError:
+            results["package"] = "read-only"
+        results["solutions"] = os.path.exists({str(REPO / 'solutions')!r})
+        results["other submission"] = os.path.exists({str(secret)!r})
+        results["processes"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+        try:
+            os.kill(1, 9); results["kill init"] = "killed"
+        except OSError:
+            results["kill init"] = "refused"
+        open("/grading/written", "w").write("ok")
+        print(results)
+    """)
+    assert run.returncode == 0, run.stderr
+    found = eval(run.stdout)
+    assert found["net"] == "blocked" and found["package"] == "read-only"
+    assert found["solutions"] is False and found["other submission"] is False
+    assert max(found["processes"]) < 10, found["processes"]  # its own PID namespace
+    if os.geteuid() == 0:
+        assert found["kill init"] == "refused"
+    assert package.read_bytes() == before
+
+
+def test_sandbox_limits_memory_processes_and_file_size(bwrap, tmp_path):
+    limits = sandbox.Limits(memory_bytes=2 * 2**30, processes=32, file_bytes=2**20, cpu_seconds=30)
+    run = run_in_sandbox(tmp_path, """
+        import os, time
+        out = {}
+        try:
+            block = bytearray(3 * 2**30); out["memory"] = "allocated"
+        except MemoryError:
+            out["memory"] = "refused"
+        try:
+            with open("/grading/big", "wb") as f:
+                f.write(b"x" * 2**21)
+            out["file"] = "written"
+        except OSError:
+            out["file"] = "refused"
+        forked = 0
+        try:
+            for _ in range(200):
+                if os.fork() == 0:
+                    time.sleep(5); os._exit(0)
+                forked += 1
+        except OSError:
+            pass
+        out["forked"] = forked
+        print(out, flush=True)
+        os._exit(0)
+    """, limits=limits)
+    found = eval(run.stdout.strip().splitlines()[-1])
+    assert found["memory"] == "refused" and found["file"] == "refused", found
+    if os.geteuid() == 0:  # the process limit needs a user id of the run's own
+        assert found["forked"] < 32, found
+
+
+def test_nothing_outlives_a_sandboxed_run(bwrap, tmp_path):
+    marker = "sleep-marker-7719"
+    run = run_in_sandbox(tmp_path, f"""
+        import subprocess, sys
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "{marker}"], start_new_session=True)
+        print("started")
+    """)
+    assert run.stdout.strip() == "started", run.stderr
+    leftovers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            leftovers += [pid] if marker in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace") else []
+        except OSError:
+            pass
+    assert not leftovers
+
+
+# ---------------------------------------------------------------- untrusted notebooks, no kernel
+
+
+def test_rewritten_graded_cells_never_pass_the_reference_to_the_learner():
+    for stem in ex.NOTEBOOK_STEMS:
+        for ref in notebooks.load_reference(stem, ex.EXERCISES_DIR):
+            source = notebooks.rewrite_check(ref.cell.source, exercise=ref.id, name=ref.name, learner=True)
+            assert "expected=" not in source and "check(" not in source.replace("_grader_submit(", ""), source
+            compile(source, f"{stem} {ref.id}", "exec")
+
+
+def test_a_notebook_of_another_chapter_is_recognised_and_named():
+    chapter3 = ex.read_notebook(ex.exercise_path("03_exact_ablation"))
+    stem, note = notebooks.identify(chapter3, Path("alice/02_task_and_metric.ipynb"))
+    assert stem == "03_exact_ablation" and "03_exact_ablation" in note and "02_task_and_metric.ipynb" in note
+    chapter3.metadata = {}  # no notebook metadata: recognised by the exercises it checks
+    assert notebooks.identify(chapter3, Path("02_task_and_metric.ipynb"))[0] == "03_exact_ablation"
+
+
+def test_odd_cells_lone_surrogates_and_wrong_typed_metadata_make_a_runnable_copy():
+    stem = "02_task_and_metric"
+    reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+    learner = json.loads(ex.exercise_path(stem).read_text())
+    learner["metadata"] = ["not", "a", "dict"]
+    learner["cells"][1]["source"] = "x = '\ud800 lone surrogate'"
+    learner["cells"][3]["metadata"] = {"tags": "graded", "attribution_course": 7}
+    learner["cells"][5]["metadata"] = {"tags": ["graded"], "attribution_course": {"exercise": ["2.1"]}}
+    learner["cells"].append({"cell_type": "code", "source": 5, "metadata": None})
+    learner["cells"].append("not a cell")
+    nb, graded, missing = notebooks.prepare_learner_copy(learner, reference)
+    text = nbformat.writes(nb)  # writable: no lone surrogate left
+    assert "lone surrogate" in text and sorted(graded.values()) == ["2.1", "2.2", "2.3", "2.4"]
+    assert notebooks.identify(learner, Path("x.ipynb"))[0] == stem
+
+
+@pytest.mark.parametrize("content", ["{ not json", '{"cells": 5}', "\udcff".encode("utf-8", "surrogateescape").decode("latin-1"), ""])
+def test_unreadable_notebooks_get_rows_with_full_max_points(tmp_path, content):
+    path = tmp_path / "bob" / "02_task_and_metric.ipynb"
+    path.parent.mkdir()
+    path.write_text(content, encoding="latin-1")
+    result = grader.grade_safely(path, name="bob/02_task_and_metric.ipynb", sandboxed=False)
+    rows = gradebook.csv_rows(result)
+    assert result.status == gradebook.S_MALFORMED, result
+    assert sum(int(r["max_points"]) for r in rows) == 4, rows
+    assert all(r["student"] == "bob" and r["chapter"] == "02_task_and_metric" for r in rows)
+
+
+class Agreeable(torch.Tensor):
+    """A tensor whose comparisons always succeed."""
+
+    def __eq__(self, other):
+        return True
+
+
+def test_saved_results_are_validated_in_the_grader(tmp_path):
+    ref = notebooks.load_reference("02_task_and_metric", ex.EXERCISES_DIR)[0]
+    expected = {"expected": torch.arange(4.0), "atol": 1e-4, "rtol": 1e-3, "what": "values"}
+    folder = tmp_path / "results"
+    folder.mkdir()
+    torch.save({"status": RETURNED, "value": Agreeable(torch.zeros(4)), "detail": ""}, folder / "2.1.pt")
+    torch.save({"status": RETURNED, "value": plain_value(Agreeable(torch.zeros(4))), "detail": ""}, folder / "2.2.pt")
+    torch.save({"status": RETURNED, "value": plain_value(torch.arange(4.0)), "detail": ""}, folder / "2.3.pt")
+    (folder / "2.4.pt").symlink_to(folder / "2.3.pt")
+    records = runner._read_records(folder)
+    assert "2.4" not in records  # a symlink is not read
+    decide = lambda rec: verdicts.decide(ref, expected, rec, None, 60)  # noqa: E731
+    assert decide(records["2.1"]).verdict == verdicts.V_WRONG  # a subclass does not even load
+    assert type(plain_value(Agreeable(torch.zeros(4)))) is torch.Tensor
+    assert decide(records["2.2"]).verdict == verdicts.V_WRONG and "values" in decide(records["2.2"]).detail
+    assert decide(records["2.3"]).verdict == verdicts.V_PASSED
+    assert decide({"status": RETURNED, "value": object()}).verdict == verdicts.V_WRONG
+    assert decide("PASSED").verdict == verdicts.V_WRONG
+
+
+def test_batch_grading_refuses_to_run_without_the_sandbox(tmp_path, monkeypatch):
+    (tmp_path / "a.ipynb").write_text("{}")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap on the PATH
+    run = subprocess.run([sys.executable, "-m", "attribution_course.grade", "--batch", str(tmp_path), "--csv",
+                          str(tmp_path / "g.csv")], capture_output=True, text=True, env=dict(os.environ, PATH=str(tmp_path)))
+    assert run.returncode == 2 and "--unsafe-no-sandbox" in run.stderr and "bwrap" in run.stderr, run.stderr
+    assert not (tmp_path / "g.csv").exists()
+
+
+def test_audit_flags_reference_implementations_and_the_solutions_but_not_the_solutions_themselves():
+    from attribution_course.grading import audit
+    from test_grading import filled, learner_notebook
+
+    for stem in ex.NOTEBOOK_STEMS:  # the published solutions call helpers, never the reference implementations
+        reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+        implementations = audit.reference_implementations(
+            ex.read_notebook(ex.exercise_path(stem)), reference, ex.read_notebook(ex.solution_path(stem)))
+        assert implementations and audit.audit_notebook(filled(stem), reference, implementations) == [], stem
+    stem = "03_exact_ablation"
+    reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+    implementations = audit.reference_implementations(
+        ex.read_notebook(ex.exercise_path(stem)), reference, ex.read_notebook(ex.solution_path(stem)))
+    copied = learner_notebook(stem, {"3.4": ["resampled = patching.replacement_activations(model, 'head', kind='resample', "
+                                             "base_tokens=tokens, source_tokens=source_tokens)",
+                                             "return patching.exact_sweep(model, tokens, metric, resampled, 'head')"]})
+    copied.cells.append(nbformat.v4.new_code_cell("%run ../solutions/03_exact_ablation.ipynb"))
+    findings = audit.audit_notebook(copied, reference, implementations)
+    assert any("3.4" in f and "patching.exact_sweep" in f for f in findings), findings
+    assert any("solutions/03_exact_ablation" in f for f in findings), findings
+
+
+def test_hidden_inputs_are_compared_too():
+    ref = notebooks.load_reference("02_task_and_metric", ex.EXERCISES_DIR)[1]
+    expected = {"expected": 1.0, "hidden": [0.375], "atol": 1e-6, "rtol": 0.0, "what": "top-1 accuracy"}
+    constant = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": [{"status": RETURNED, "value": 1.0, "detail": ""}]}
+    right = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": [{"status": RETURNED, "value": 0.375, "detail": ""}]}
+    skipped = {"status": RETURNED, "value": 1.0, "detail": ""}
+    wrong = verdicts.decide(ref, expected, constant, None, 60)
+    assert wrong.verdict == verdicts.V_WRONG and "hidden input 1 of 1" in wrong.detail, wrong
+    assert verdicts.decide(ref, expected, right, None, 60).verdict == verdicts.V_PASSED
+    assert verdicts.decide(ref, expected, skipped, None, 60).verdict == verdicts.V_WRONG
+
+
+def test_hidden_inputs_tell_common_mistakes_apart(monkeypatch):
+    from attribution_course.grading import hidden
+
+    monkeypatch.setenv(hidden.SEED_ENV, "7")
+    (logits, io, end), = hidden.hidden_inputs("2.2")
+    accuracy = (logits[:, end].argmax(-1) == io).float().mean().item()
+    assert 0 < accuracy < 1  # a constant 0 or 1 is wrong
+    (clean, corrupted), = hidden.hidden_inputs("2.4")
+    assert (clean != corrupted).any(0).sum() > (clean != corrupted).all(0).sum()  # .all is not .any
+    (logits, io, s, end), = hidden.hidden_inputs("2.1")
+    assert end != logits.shape[1] - 1 and bool((io != s).all())  # the last position is not the answer
+    monkeypatch.setenv(hidden.SEED_ENV, "8")
+    assert not torch.equal(hidden.hidden_inputs("2.2")[0][0], logits)  # drawn anew for each grading run
