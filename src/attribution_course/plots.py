@@ -370,10 +370,11 @@ def _head_row_labels(n_layers: int, n_heads: int) -> list[str]:
     return [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
 
 
-def head_attention_heatmap(targets: dict[str, object], *, title: str, x_title: str = "attention from → to") -> go.Figure:
+def head_attention_heatmap(targets: dict[str, object], *, title: str, x_title: str = "") -> go.Figure:
     """Attention of every head (rows ``L0H0``, ``L0H1``, ...) to each target (columns).
 
-    ``targets`` maps a column name (e.g. ``"end → IO"``) to the mean attention
+    ``targets`` maps a column name (e.g. ``"end → IO"``, which says the query and
+    key positions, so no axis title is needed) to the mean attention
     ``[layer, head]`` between those positions. One row
     per head keeps the figure narrow enough for a phone; the colours run from 0
     to 1 and the values are printed while the columns fit
@@ -402,7 +403,7 @@ def head_attention_heatmap(targets: dict[str, object], *, title: str, x_title: s
         colorbar=dict(orientation="h", y=-0.04, yanchor="top", thickness=12, title=dict(side="top")),
         hovertemplate="%{y} → %{x}<br>attention %{z:.3f}<extra></extra>",
     )
-    fig.update_layout(xaxis=dict(side="top"), margin=dict(l=60, r=20, t=90, b=20))
+    fig.update_layout(xaxis=dict(side="top"), margin=dict(l=60, r=20, t=100 if x_title else 80, b=20))
     return fig
 
 
