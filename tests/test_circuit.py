@@ -59,9 +59,9 @@ def test_the_sum_check_fails_when_a_head_is_left_out(model, prompts, cache):
 
 def test_logit_attribution_centres_and_scales():
     written = torch.tensor([[[1.0, 2.0, 3.0]]])  # [batch=1, component=1, d_model=3]
-    direction = torch.tensor([[1.0, 0.0, -1.0]])
-    # centred: [-1, 0, 1]; dot with direction: -2; divided by σ = 2: -1
-    assert circuit.logit_attribution(written, torch.tensor([2.0]), direction).item() == pytest.approx(-1.0)
+    direction = torch.tensor([[1.0, 0.0, 0.0]])  # not centred itself, so centring ``written`` matters
+    # centred: [-1, 0, 1]; dot with direction: -1; divided by σ = 2: -0.5
+    assert circuit.logit_attribution(written, torch.tensor([2.0]), direction).item() == pytest.approx(-0.5)
     # a constant vector carries nothing through the LayerNorm's centring
     constant = torch.full((1, 1, 3), 5.0)
     assert circuit.logit_attribution(constant, torch.tensor([1.0]), direction).item() == pytest.approx(0.0)
