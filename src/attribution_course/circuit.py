@@ -336,9 +336,13 @@ def read_circuit(model, prompts: IOIPrompts) -> CircuitReading:
 
 
 def roles_markdown(roles: list[HeadRole]) -> str:
-    """A Markdown table of the heads that have a role: their roles and the numbers behind them."""
+    """A Markdown table of the heads that have a role: their roles and the numbers behind them.
+
+    Columns: mean attention from the final position to IO and to S1+S2, from S2
+    to S1, and the direct logit attribution. Short headers keep it within a phone's width.
+    """
     lines = [
-        "| head | role | attention end → IO | end → S1+S2 | S2 → S1 | DLA |",
+        "| head | role | IO | S1+S2 | S2→S1 | DLA |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for row in roles:
