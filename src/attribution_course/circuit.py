@@ -46,7 +46,6 @@ from .prompts import IOIPrompts
 FINAL_SCALE_HOOK = "ln_final.hook_scale"
 EMBED_HOOK = "hook_embed"
 POS_EMBED_HOOK = "hook_pos_embed"
-MLP_OUT_HOOK = "blocks.{layer}.hook_mlp_out"
 #: The logits, ``[batch, pos, vocab]``.
 LOGITS_HOOK = "unembed.hook_out"
 
@@ -82,7 +81,7 @@ ROLE_RULES: dict[str, str] = {
 
 
 def _final_position_hooks(model) -> list[str]:
-    """Every hook :func:`read_heads` needs, in one forward pass."""
+    """Every hook :func:`read_circuit` needs, in one forward pass."""
     return [
         EMBED_HOOK,
         POS_EMBED_HOOK,
@@ -90,7 +89,7 @@ def _final_position_hooks(model) -> list[str]:
         LOGITS_HOOK,
         *hook_names(model, "head"),  # blocks.{L}.attn.hook_z
         *hook_names(model, "pattern"),  # blocks.{L}.attn.hook_pattern
-        *(MLP_OUT_HOOK.format(layer=layer) for layer in range(model.cfg.n_layers)),
+        *hook_names(model, "mlp"),  # blocks.{L}.hook_mlp_out
     ]
 
 
@@ -234,10 +233,10 @@ def attribution_from_cache(model, cache: dict[str, torch.Tensor], prompts: IOIPr
         "embedding": logit_attribution(cache[EMBED_HOOK][:, end], scale, direction),
         "position embedding": logit_attribution(cache[POS_EMBED_HOOK][:, end], scale, direction),
     }
-    for layer in range(model.cfg.n_layers):
+    for layer, mlp_hook in enumerate(hook_names(model, "mlp")):
         bias = model.b_O.detach()[layer].expand(batch, -1)  # includes the folded value biases
         rest[f"attention bias L{layer}"] = logit_attribution(bias, scale, direction)
-        rest[f"MLP{layer}"] = logit_attribution(cache[MLP_OUT_HOOK.format(layer=layer)][:, end], scale, direction)
+        rest[f"MLP{layer}"] = logit_attribution(cache[mlp_hook][:, end], scale, direction)
     unembed_bias = model.b_U.detach()
     rest["unembedding bias"] = unembed_bias[prompts.io_token] - unembed_bias[prompts.s_token]
     return DirectLogitAttribution(heads=heads, rest=rest, logit_diff=logit_diff(cache[LOGITS_HOOK], prompts, per_prompt=True))
