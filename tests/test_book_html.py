@@ -132,3 +132,17 @@ def test_chapters_2_to_8_end_with_exercises_links(chapter):
 def test_chapter_ends_with_takeaways(chapter):
     headings = [h.get_text() for h in soup(HTML / f"{chapter}.html").find_all("h2")]
     assert any("Takeaways" in h for h in headings), f"{chapter}: no Takeaways section"
+
+
+def test_chapter_2_reads_the_circuit():
+    """Issue 9: the "Reading the circuit" section shows the attention heatmap, the per-head DLA
+    bars and the roles table, and states a sentence about negative name movers either way."""
+    page = soup(HTML / "02_task_and_metric.html")
+    section = page.select_one("section#reading-the-circuit")
+    assert section is not None, "chapter 2 has no 'Reading the circuit' section"
+    traces = [json for _, json in NEW_PLOT.findall(str(section))]
+    assert any('"type":"heatmap"' in t.replace(" ", "") for t in traces), "no attention heatmap in the section"
+    assert any('"type":"bar"' in t.replace(" ", "") for t in traces), "no DLA bar chart in the section"
+    headers = [th.get_text(strip=True) for th in section.select("table th")]
+    assert headers[:2] == ["head", "role"], f"no roles table in the section: {headers}"
+    assert "negative name mover" in section.get_text(), "the section says nothing about negative name movers"

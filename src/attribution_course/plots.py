@@ -34,6 +34,13 @@ SYMBOLS = ("circle", "x", "diamond", "square", "triangle-up", "cross", "star", "
 COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442", "#000000")
 #: Diverging scale for signed effects: blue negative, white zero, red positive.
 DIVERGING = "RdBu_r"
+#: Sequential scale for fractions such as attention weights: white 0, dark blue 1.
+SEQUENTIAL = "Blues"
+#: Values are printed in heatmap cells only up to this many columns: on a 390 px
+#: phone screen each cell is then still wide enough for "0.00" in a readable font.
+MAX_COLUMNS_WITH_VALUES = 8
+#: Font size of values printed in heatmap cells and on bars (pixels).
+VALUE_FONT_SIZE = 12
 
 _GRID = "rgba(128,128,128,0.30)"
 _FONT = "#6b6b6b"
@@ -145,10 +152,13 @@ def heatmap(
     show_values: bool = True,
     digits: int = 2,
     height: int | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> go.Figure:
     """A signed heatmap centred on zero, with axis labels and the values printed in the cells.
 
-    ``values`` has shape ``[len(y_labels), len(x_labels)]``.
+    ``values`` has shape ``[len(y_labels), len(x_labels)]``. With ``value_range=(low, high)``
+    the colours run over that range on a sequential scale instead (for fractions
+    such as attention weights, which are never negative).
     """
     z = _numpy(values)
     if z.shape != (len(y_labels), len(x_labels)):
@@ -156,15 +166,17 @@ def heatmap(
     # NaN cells (components a sweep skipped) must not set the colour scale
     limit = float(np.nan_to_num(np.nanmax(np.abs(z)), nan=0.0)) if np.isfinite(z).any() else 0.0
     limit = limit or 1.0
+    colours = (
+        dict(colorscale=DIVERGING, zmid=0, zmin=-limit, zmax=limit)
+        if value_range is None
+        else dict(colorscale=SEQUENTIAL, zmin=value_range[0], zmax=value_range[1])
+    )
     fig = go.Figure(
         go.Heatmap(
             z=z,
             x=list(x_labels),
             y=list(y_labels),
-            colorscale=DIVERGING,
-            zmid=0,
-            zmin=-limit,
-            zmax=limit,
+            **colours,
             colorbar=dict(title=dict(text=value_name)),
             texttemplate=f"%{{z:.{digits}f}}" if show_values else None,
             textfont=dict(size=10),
@@ -352,4 +364,95 @@ def lines(
         )
     axis_type = "log" if log_axes else "linear"
     fig.update_layout(title=title, xaxis=dict(title=x_title, type=axis_type), yaxis=dict(title=y_title, type=axis_type), height=450)
+    return fig
+
+
+# ------------------------------------------------------------------ reading the circuit
+
+
+def _head_row_labels(n_layers: int, n_heads: int) -> list[str]:
+    return [f"L{layer}H{head}" for layer in range(n_layers) for head in range(n_heads)]
+
+
+def head_attention_heatmap(targets: dict[str, object], *, title: str, x_title: str = "") -> go.Figure:
+    """Attention of every head (rows ``L0H0``, ``L0H1``, ...) to each target (columns).
+
+    ``targets`` maps a column name (e.g. ``"end → IO"``, which says the query and
+    key positions, so no axis title is needed) to the mean attention
+    ``[layer, head]`` between those positions. One row
+    per head keeps the figure narrow enough for a phone; the colours run from 0
+    to 1 and the values are printed while the columns fit
+    (:data:`MAX_COLUMNS_WITH_VALUES`).
+    """
+    columns = [_numpy(values) for values in targets.values()]
+    shapes = {c.shape for c in columns}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"every target needs a [layer, head] array of the same shape, got {sorted(shapes)}")
+    n_layers, n_heads = columns[0].shape
+    rows = _head_row_labels(n_layers, n_heads)
+    fig = heatmap(
+        np.stack([c.ravel() for c in columns], axis=1),
+        x_labels=list(targets),
+        y_labels=rows,
+        title=title,
+        x_title=x_title,
+        y_title="head",
+        value_name="attention",
+        show_values=len(targets) <= MAX_COLUMNS_WITH_VALUES,
+        value_range=(0.0, 1.0),
+        height=130 + 26 * len(rows),
+    )
+    fig.update_traces(
+        textfont=dict(size=VALUE_FONT_SIZE),
+        colorbar=dict(orientation="h", y=-0.04, yanchor="top", thickness=12, title=dict(side="top")),
+        hovertemplate="%{y} → %{x}<br>attention %{z:.3f}<extra></extra>",
+    )
+    fig.update_layout(xaxis=dict(side="top"), margin=dict(l=60, r=20, t=100 if x_title else 80, b=20))
+    return fig
+
+
+def head_bars(values, *, title: str, x_title: str, annotations: Sequence[str] | None = None) -> go.Figure:
+    """One horizontal bar per head (rows ``L0H0``, ``L0H1``, ...) for a signed value ``[layer, head]``.
+
+    Positive bars are red and negative ones blue with a hatch pattern (the
+    colours of :data:`DIVERGING`), so the sign reads without colour too; the value
+    is printed next to every bar. ``annotations`` (one string per head, e.g. its
+    role) are shown on hover.
+    """
+    z = _numpy(values)
+    if z.ndim != 2:
+        raise ValueError(f"head_bars needs a [layer, head] array, got shape {z.shape}")
+    rows = _head_row_labels(*z.shape)
+    x = z.ravel()
+    extra = list(annotations) if annotations is not None else [""] * len(rows)
+    if len(extra) != len(rows):
+        raise ValueError(f"{len(extra)} annotations for {len(rows)} heads")
+    negative = x < 0
+    fig = go.Figure(
+        go.Bar(
+            x=x,
+            y=rows,
+            orientation="h",
+            text=[f"{v:+.2f}" for v in x],
+            textposition="outside",
+            textfont=dict(size=VALUE_FONT_SIZE),
+            cliponaxis=False,
+            customdata=extra,
+            marker=dict(
+                color=["#2166AC" if n else "#B2182B" for n in negative],
+                pattern=dict(shape=["/" if n else "" for n in negative]),
+            ),
+            hovertemplate="%{y}<br>" + x_title + " %{x:.3f}<br>%{customdata}<extra></extra>",
+        )
+    )
+    span = float(np.abs(x).max()) or 1.0
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    pad = 0.3 * span  # room for the printed values beside the longest bars
+    fig.update_layout(
+        title=title,
+        xaxis=dict(title=x_title, range=[low - (pad if low < 0 else 0.05 * span), high + pad], zeroline=True),
+        yaxis=dict(title="head", type="category", autorange="reversed", showgrid=False),
+        height=130 + 26 * len(rows),
+        showlegend=False,
+    )
     return fig
