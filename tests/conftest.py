@@ -21,3 +21,17 @@ def test_prompts(model):
     from attribution_course.prompts import make_ioi_prompts
 
     return make_ioi_prompts(model, 64, split="test", corruption="abc", seed=0)
+
+
+@pytest.fixture(scope="module")
+def prompts(test_prompts):
+    """Sixteen held-out prompts for the method tests; a module may override it with another subset."""
+    return test_prompts.subset(range(16))
+
+
+@pytest.fixture(scope="module")
+def metric(prompts):
+    """The logit difference on whichever ``prompts`` the requesting module uses."""
+    from attribution_course.metrics import logit_diff
+
+    return lambda logits: logit_diff(logits, prompts)

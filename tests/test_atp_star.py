@@ -9,15 +9,6 @@ from attribution_course.attention_attribution import QKV_FAMILIES
 from attribution_course.metrics import logit_diff
 
 
-@pytest.fixture(scope="module")
-def prompts(test_prompts):
-    return test_prompts.subset(range(16))
-
-
-@pytest.fixture(scope="module")
-def metric(prompts):
-    return lambda logits: logit_diff(logits, prompts)
-
 
 # ---------------------------------------------------------------- scores
 

@@ -6,17 +6,7 @@ from torch.testing import assert_close
 
 from attribution_course import attention_attribution as aa
 from attribution_course import patching, zero_ablation
-from attribution_course.metrics import logit_diff
 
-
-@pytest.fixture(scope="module")
-def prompts(test_prompts):
-    return test_prompts.subset(range(16))
-
-
-@pytest.fixture(scope="module")
-def metric(prompts):
-    return lambda logits: logit_diff(logits, prompts)
 
 
 def test_attention_pattern_recomputes_the_bridges_pattern(model, prompts):

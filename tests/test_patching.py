@@ -16,12 +16,9 @@ TIGHT = dict(atol=2e-5, rtol=0)  # float32 reordering only; a wrong patch moves 
 
 @pytest.fixture(scope="module")
 def prompts(test_prompts):
+    """Four prompts: the exact sweeps here run every engine on every family (overrides conftest's 16)."""
     return test_prompts.subset(range(4))
 
-
-@pytest.fixture(scope="module")
-def metric(prompts):
-    return lambda logits: logit_diff(logits, prompts)
 
 
 def _source(prompts, kind):

@@ -704,14 +704,22 @@ def overflow_problems(report: NavigationReport) -> list[str]:
             f"(scrolls sideways by {excess} px); widest: {'; '.join(layout['widestElements']) or '?'}"]
 
 
-def toggle_opens_problems(report: NavigationReport, which: str, what: str) -> list[str]:
-    """On a narrow screen the button is visible, its links are hidden, and clicking shows them on top."""
+def _clickable_toggle(report: NavigationReport, which: str, what: str) -> tuple[dict, str, list[str]]:
+    """The toggle's facts, its label for messages, and the problems that stop any further check."""
     toggle = report.toggles.get(which, {})
     label = f"{report.name} at {report.viewport['width']} px: {what} button"
     if not toggle.get("visibleButtons"):
-        return [f"{label}: not visible"]
+        return toggle, label, [f"{label}: not visible"]
     if toggle.get("error"):
-        return [f"{label}: cannot be clicked: {toggle['error']}"]
+        return toggle, label, [f"{label}: cannot be clicked: {toggle['error']}"]
+    return toggle, label, []
+
+
+def toggle_opens_problems(report: NavigationReport, which: str, what: str) -> list[str]:
+    """On a narrow screen the button is visible, its links are hidden, and clicking shows them on top."""
+    toggle, label, problems = _clickable_toggle(report, which, what)
+    if problems:
+        return problems
     if toggle["linksBefore"]:
         return [f"{label}: its {toggle['linksBefore']} links are already on screen before clicking"]
     if not toggle["linksAfter"]:
@@ -723,12 +731,9 @@ def toggle_opens_problems(report: NavigationReport, which: str, what: str) -> li
 
 def toggle_collapses_problems(report: NavigationReport, which: str, what: str) -> list[str]:
     """On a wide screen the panel starts open; clicking the button hides it and clicking again shows it."""
-    toggle = report.toggles.get(which, {})
-    label = f"{report.name} at {report.viewport['width']} px: {what} button"
-    if not toggle.get("visibleButtons"):
-        return [f"{label}: not visible"]
-    if toggle.get("error"):
-        return [f"{label}: cannot be clicked: {toggle['error']}"]
+    toggle, label, problems = _clickable_toggle(report, which, what)
+    if problems:
+        return problems
     if not toggle["linksBefore"]:
         return [f"{label}: no link of its panel is on screen before clicking"]
     if toggle["linksAfter"]:
