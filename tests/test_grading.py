@@ -40,7 +40,7 @@ MUTATIONS = {
     "05_first_order_approximation": (
         "5.5", '"bphd,bphd->hp"', '"bphd,bphd->ph"', "wrong axis order",
     ),  # wrong axis
-    "06_getting_the_sign_right": ("6.1", "(-acts[n] * grads[n])", "(acts[n] * grads[n])", "opposite sign"),  # wrong sign
+    "06_getting_the_sign_right": ("6.1", "(-raw_z[n] * grads[n])", "(raw_z[n] * grads[n])", "opposite sign"),  # wrong sign
     "07_mean_ablation_and_baselines": ("7.3", "sum(dim=(1, 3))", "sum(dim=(2, 3))", "shape (4, 15), expected (4, 4)"),  # wrong axis
     "08_when_the_approximation_fails": (
         "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 1) / steps", "entries are off",

@@ -93,15 +93,18 @@ def sandboxed_command(
         "--die-with-parent", "--new-session",
         *_system_binds(),
     ]
+    # The private /tmp comes first, so that a checkout or venv that lives under /tmp (a CI clone, say)
+    # is bound on top of it instead of being hidden by it.
+    wrapped += ["--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp"]
     paths = readonly_paths()
     # the folders above each bind (bwrap would create them readable by root only)
-    for parent in sorted({p for path in paths for p in path.parents if p != Path("/")}, key=lambda p: len(p.parts)):
+    parents = {p for path in paths for p in path.parents if p not in (Path("/"), Path("/tmp"))}
+    for parent in sorted(parents, key=lambda p: len(p.parts)):
         wrapped += ["--perms", "0755", "--dir", str(parent)]
     for path in paths:
         wrapped += ["--ro-bind", str(path), str(path)]
     wrapped += [
         "--proc", "/proc", "--dev", "/dev",
-        "--perms", "1777", "--size", str(limits.tmp_bytes), "--tmpfs", "/tmp",
         "--bind", str(workdir), SANDBOX_WORKDIR, "--chdir", SANDBOX_WORKDIR,
         "--clearenv",
     ]
