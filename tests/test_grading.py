@@ -179,10 +179,10 @@ def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
     results, *_ = coverage_batch
     for stem, (target, _, _, words) in MUTATIONS.items():
         result = results[f"mutated/{stem}.ipynb"]
-        verdicts = {e.exercise: e for e in result.exercises}
-        assert verdicts[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
-        assert words in verdicts[target].detail, gradebook.scorecard(result)
-        others = {k: v.verdict for k, v in verdicts.items() if k != target}
+        by_exercise = {e.exercise: e for e in result.exercises}
+        assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
+        assert words in by_exercise[target].detail, gradebook.scorecard(result)
+        others = {k: v.verdict for k, v in by_exercise.items() if k != target}
         assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
 
 
