@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 import attribution_course
 from attribution_course.grading import generation as ex
-from attribution_course.grading import grader, sandbox
+from attribution_course.grading import grader
 from test_grading import digests, exercise_cells, filled, learner_notebook, rows_by, solution_bodies, write
 
 pytestmark = pytest.mark.slow
@@ -177,13 +176,7 @@ checks.plain_value = lambda value: value  # save the subclass itself
 
 
 @pytest.fixture(scope="module")
-def hostile_batch(tmp_path_factory):
-    try:
-        sandbox.check_available()
-    except sandbox.SandboxUnavailable as err:
-        if os.environ.get("REQUIRE_SANDBOX") == "1":
-            raise
-        pytest.skip(str(err))
+def hostile_batch(tmp_path_factory, sandbox_or_skip):
     folder = tmp_path_factory.mktemp("hostile")
     out = tmp_path_factory.mktemp("hostile-grades")
     hostile_submissions(folder, out)

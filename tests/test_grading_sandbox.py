@@ -25,13 +25,8 @@ REPO = ex.REPO_ROOT
 
 
 @pytest.fixture(scope="module")
-def bwrap():
-    try:
-        sandbox.check_available()
-    except sandbox.SandboxUnavailable as err:
-        if os.environ.get("REQUIRE_SANDBOX") == "1":
-            raise
-        pytest.skip(str(err))
+def bwrap(sandbox_or_skip):
+    """Tests that start a real sandbox ask for this (see conftest's ``sandbox_or_skip``)."""
 
 
 def run_in_sandbox(tmp_path: Path, code: str, limits: sandbox.Limits = sandbox.Limits(), timeout: float = 120):
