@@ -96,6 +96,32 @@ def test_exact_effect_equals_the_sweep_entry(model, prompts, metric, replacement
         assert single == pytest.approx(sweep[(layer, *component)].item(), abs=2e-5)
 
 
+def test_joint_effect_replaces_every_listed_component_at_once(model, prompts, metric, replacements):
+    """Two heads in one layer and one in another, against hooks written out by hand."""
+    reps = replacements("head", "patch")
+    clean = prompts.clean_tokens
+    components = [(0, 1), (0, 3), (2, 2)]
+
+    def by_hand(layer, heads):
+        name = f"blocks.{layer}.attn.hook_z"
+
+        def replace(z, hook):
+            z = z.clone()
+            z[:, :, heads] = reps[name][:, :, heads]
+            return z
+
+        return name, replace
+
+    with torch.no_grad():
+        expected = metric(model.run_with_hooks(clean, fwd_hooks=[by_hand(0, [1, 3]), by_hand(2, [2])])).item() - metric(model(clean)).item()
+    joint = patching.exact_joint_effect(model, clean, metric, reps, "head", components)
+    assert joint == pytest.approx(expected, abs=1e-6)
+    singles = sum(patching.exact_effect(model, clean, metric, reps, "head", layer, (head,)) for layer, head in components)
+    assert joint != pytest.approx(singles, abs=1e-6), "a joint patch that equals the sum of singles here would not test joint replacement"
+    with pytest.raises(ValueError, match="components"):
+        patching.exact_joint_effect(model, clean, metric, reps, "head", [])
+
+
 def test_positions_restrict_the_sweep_and_leave_the_rest_nan(model, prompts, metric, replacements, loop_sweeps):
     swept = [10, 14]
     partial = patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head_pos", "patch"), "head_pos", positions=swept)

@@ -329,18 +329,43 @@ def exact_effect(
     component: tuple[int, ...],
 ) -> float:
     """``M(base with one component replaced) - M(base)``, exactly, by rerunning."""
-    fam = get_family(family)
-    name = fam.hook_name(layer)
-    index = component_index(fam, component)
+    return exact_joint_effect(model, base_tokens, metric, replacements, family, [(layer, *component)])
 
-    def replace(act, hook):
-        act = act.clone()
-        act[index] = replacements[name][index].to(act.dtype)
-        return act
+
+def exact_joint_effect(
+    model,
+    base_tokens: Tokens,
+    metric: Metric,
+    replacements: Activations,
+    family: str | Family,
+    components: Sequence[tuple[int, ...]],
+) -> float:
+    """``M(base with every listed component replaced at once) - M(base)``, exactly.
+
+    ``components`` holds ``(layer, *component)`` tuples, e.g. ``[(3, 1), (2, 0)]``
+    for heads L3H1 and L2H0. With one component this is :func:`exact_effect`; with
+    several, the result need not be the sum of their single effects (interactions).
+    """
+    fam = get_family(family)
+    if not components:
+        raise ValueError("exact_joint_effect: `components` is empty; list at least one (layer, *component) tuple")
+    indices: dict[str, list[tuple]] = {}
+    for layer, *component in components:
+        indices.setdefault(fam.hook_name(layer), []).append(component_index(fam, tuple(component)))
+
+    def replacer(name: str):
+        # one closure per hook name: the bridge may report an aliased name at run time
+        def replace(act, hook):
+            act = act.clone()
+            for index in indices[name]:
+                act[index] = replacements[name][index].to(act.dtype)
+            return act
+
+        return replace
 
     with torch.no_grad():
         base = metric(model(base_tokens)).item()
-        patched = metric(model.run_with_hooks(base_tokens, fwd_hooks=[(name, replace)])).item()
+        patched = metric(model.run_with_hooks(base_tokens, fwd_hooks=[(name, replacer(name)) for name in indices])).item()
     return patched - base
 
 
