@@ -26,6 +26,9 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "comparing estimate and exact effect": ["6.2", "6.3"],
     "a failure of the approximation": ["8.2"],
     "fixing part of it": ["8.3", "8.4"],
+    "choosing the base run and the gradient (noising and denoising)": ["5.6"],
+    "integrated gradients where the zero-ablation sign fails": ["6.5"],
+    "per-edge attention attribution with the zero-ablation sign": ["6.6"],
 }
 
 
