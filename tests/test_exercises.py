@@ -29,6 +29,7 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "choosing the base run and the gradient (noising and denoising)": ["5.6"],
     "integrated gradients where the zero-ablation sign fails": ["6.5"],
     "per-edge attention attribution with the zero-ablation sign": ["6.6"],
+    "AtP*'s QK fix against saturation": ["8.5"],
 }
 
 
