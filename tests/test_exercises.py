@@ -30,6 +30,7 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "integrated gradients where the zero-ablation sign fails": ["6.5"],
     "per-edge attention attribution with the zero-ablation sign": ["6.6"],
     "AtP*'s QK fix against saturation": ["8.5"],
+    "AtP*'s GradDrop against cancelling paths": ["8.6"],
 }
 
 
