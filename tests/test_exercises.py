@@ -31,6 +31,7 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "per-edge attention attribution with the zero-ablation sign": ["6.6"],
     "AtP*'s QK fix against saturation": ["8.5"],
     "AtP*'s GradDrop against cancelling paths": ["8.6"],
+    "direct versus total effect (path patching to the logits)": ["4.5"],
 }
 
 

@@ -122,6 +122,29 @@ def test_joint_effect_replaces_every_listed_component_at_once(model, prompts, me
         patching.exact_joint_effect(model, clean, metric, reps, "head", [])
 
 
+def test_direct_path_effect_is_the_patch_with_everything_downstream_held(model, prompts, metric, replacements):
+    """For a last-layer head the only downstream component is the last MLP: hold it, and the
+    exact patch must equal the direct-path effect; earlier heads' totals differ from it."""
+    clean, corrupted = prompts.clean_tokens, prompts.corrupted_tokens
+    direct = patching.direct_path_effects(model, clean, corrupted, metric)
+    last = model.cfg.n_layers - 1
+    z_name, mlp_name = f"blocks.{last}.attn.hook_z", f"blocks.{last}.hook_mlp_out"
+    corrupted_z = patching.cache_activations(model, corrupted, [z_name])[z_name]
+    clean_mlp = patching.cache_activations(model, clean, [mlp_name])[mlp_name]
+    with torch.no_grad():
+        base = metric(model(clean)).item()
+        for head in range(model.cfg.n_heads):
+            def patch_z(z, hook, head=head):
+                z = z.clone()
+                z[:, :, head] = corrupted_z[:, :, head]
+                return z
+
+            held = metric(model.run_with_hooks(clean, fwd_hooks=[(z_name, patch_z), (mlp_name, lambda m, hook: clean_mlp)])).item()
+            assert direct[last, head].item() == pytest.approx(held - base, abs=1e-4)
+    total = patching.exact_sweep(model, clean, metric, replacements("head", "patch"), "head")
+    assert (direct[:-1] - total[:-1]).abs().max() > 0.1, "later layers respond to earlier heads"
+
+
 def test_positions_restrict_the_sweep_and_leave_the_rest_nan(model, prompts, metric, replacements, loop_sweeps):
     swept = [10, 14]
     partial = patching.exact_sweep(model, prompts.clean_tokens, metric, replacements("head_pos", "patch"), "head_pos", positions=swept)

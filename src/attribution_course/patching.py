@@ -369,6 +369,44 @@ def exact_joint_effect(
     return patched - base
 
 
+def direct_path_effects(
+    model,
+    base_tokens: Tokens,
+    source_tokens: Tokens,
+    metric: Metric,
+) -> Float[torch.Tensor, "layer head"]:
+    """Each head's *direct* effect: patch only its path to the logits, exactly.
+
+    For head ``h`` of layer ``l``, the base run is rerun with the head's output
+    change ``(z'_h - z_h) W_O[l, h]`` (``z'`` from ``source_tokens``) added to the
+    residual stream after the last block, so the final LayerNorm and the
+    unembedding see it but no later layer does. The total effect
+    (:func:`exact_sweep` with family ``"head"``) also lets every later component
+    respond, down to the last block's MLP (the only difference for a head in the
+    last layer). Path patching restricted to
+    the head-to-logits path (Wang et al. 2022). ``M(patched) - M(base)``, ``[layer, head]``.
+    """
+    check_tokens(base_tokens, "base_tokens")
+    check_tokens(source_tokens, "source_tokens")
+    names = hook_names(model, "head")
+    base = cache_activations(model, base_tokens, names)
+    source = cache_activations(model, source_tokens, names)
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    effects = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    with torch.no_grad():
+        base_value = metric(model(base_tokens)).item()
+        for layer, name in enumerate(names):
+            for head in range(model.cfg.n_heads):
+                step = source[name][:, :, head] - base[name][:, :, head]  # [batch, pos, d_head]
+                written = step @ model.W_O[layer, head]                      # [batch, pos, d_model]
+
+                def add_direct_path(resid, hook, written=written):
+                    return resid + written.to(resid.dtype)
+
+                effects[layer, head] = metric(model.run_with_hooks(base_tokens, fwd_hooks=[(last, add_direct_path)])).item() - base_value
+    return effects
+
+
 def _components(model, family: Family, n_positions: int, positions: Sequence[int] | None) -> torch.Tensor:
     """Every ``(layer, *component)`` index of a sweep, as rows of an int tensor, layer-major."""
     shape = effect_shape(model, family, n_positions)
