@@ -91,3 +91,19 @@ def test_unknown_glue_keys_and_leftover_syntax_are_reported():
         clean(nb)
     leftover = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("```{mermaid}\ngraph\n```")])
     assert cn.leftover_myst(leftover) == ["cell 0: '```{'"]
+
+
+def test_glue_values_the_build_saved_beside_the_notebook_are_used(tmp_path):
+    """MyST-NB removes glue(..., display=False) outputs from jupyter_execute/<doc>.ipynb into <doc>.glue.json."""
+    import json
+
+    nb = executed_chapter()
+    code = nb.cells[1]
+    code.outputs = [o for o in code.outputs if "scrapbook" not in o.get("metadata", {})]
+    with pytest.raises(KeyError, match="gap"):
+        clean(nb)
+    record = {"output_type": "display_data", "metadata": {"scrapbook": {"name": "gap", "mime_prefix": ""}},
+              "data": {"text/plain": "0.987"}}
+    (tmp_path / "05_x.glue.json").write_text(json.dumps({"gap": record}))
+    text = clean(nb, glued=cn.glue_cache(tmp_path, "05_x")).cells[0].source
+    assert "The gap is 0.99 " in text

@@ -32,7 +32,7 @@ def chapter_docnames(app) -> list[str]:
 def _write_clean_notebooks(app, exception) -> None:
     if exception is not None or app.builder.format != "html":
         return
-    from attribution_course.chapter_notebooks import bibliography_citation, clean_notebook, leftover_myst
+    from attribution_course.chapter_notebooks import bibliography_citation, clean_notebook, glue_cache, leftover_myst
     from repository_links import repository_url
 
     url = repository_url(app.config.course_repository_url)
@@ -43,7 +43,8 @@ def _write_clean_notebooks(app, exception) -> None:
     for docname in chapter_docnames(app):
         executed = nbformat.read(str(executed_dir / f"{docname}.ipynb"), as_version=4)
         try:
-            clean = clean_notebook(executed, repository_url=url, titles=titles, citation=citation)
+            clean = clean_notebook(executed, repository_url=url, titles=titles, citation=citation,
+                                   glued=glue_cache(executed_dir, docname))
         except KeyError as err:
             raise ExtensionError(f"{docname}: cannot make its downloadable notebook: {err}") from err
         problems = leftover_myst(clean)

@@ -11,7 +11,8 @@ turns it into a plain Jupyter notebook:
   (``dropdown`` ones as ``<details>``), citations as "Author (year)" linked to the source,
   cross-references as the page's title; no MyST syntax is left;
 * code: ``from myst_nb import glue`` becomes :func:`glue` below, which prints each value
-  the text quotes; the glue outputs become those printed lines;
+  the text quotes when the learner reruns the cell (glue outputs left in the notebook become
+  those printed lines);
 * outputs: figures carry Plotly's JSON (``application/vnd.plotly.v1+json``, drawn by
   JupyterLab, Notebook 7 and VS Code with no network) plus HTML that loads plotly.js
   from plotly's CDN (Colab); no stderr (progress bars, warnings naming the build's paths);
@@ -67,6 +68,13 @@ def glued_values(nb: nbformat.NotebookNode) -> dict[str, dict]:
         if cell.cell_type == "code":
             values.update({key: output["data"] for key, output in extract_glue_data_cell(cell)})
     return values
+
+
+def glue_cache(executed_dir: Path, docname: str) -> dict[str, dict]:
+    """``{name: mime bundle}`` MyST-NB saved beside the executed notebook (``<docname>.glue.json``)."""
+    from myst_nb.ext.glue.crossref import read_glue_cache
+
+    return {name: output["data"] for name, output in read_glue_cache(str(executed_dir), docname).items()}
 
 
 def _glue_text(bundle: dict) -> str:
@@ -251,10 +259,15 @@ def _merge_streams(outputs: list) -> list:
 
 def clean_notebook(
     executed: nbformat.NotebookNode, *, repository_url: str, titles: Mapping[str, str],
-    citation: Callable[[list[str], bool], str],
+    citation: Callable[[list[str], bool], str], glued: Mapping[str, dict] | None = None,
 ) -> nbformat.NotebookNode:
-    """The downloadable form of an executed chapter (a new notebook; ``executed`` is untouched)."""
-    glued = glued_values(executed)
+    """The downloadable form of an executed chapter (a new notebook; ``executed`` is untouched).
+
+    ``glued``: glue values MyST-NB took out of the notebook (``glue(..., display=False)`` outputs
+    are removed from ``jupyter_execute/<chapter>.ipynb`` and kept in ``<chapter>.glue.json``, see
+    :func:`glue_cache`); values still in the notebook's outputs are found there.
+    """
+    glued = {**glued_values(executed), **(glued or {})}
     markdown = MarkdownConverter(glued, titles, citation)
     nb = copy.deepcopy(executed)
     nb.metadata = nbformat.NotebookNode(
