@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv book test lock train search-log bench grade exercises browser-test clean
+.PHONY: venv book test lock train search-log bench grade exercises lab browser-test clean
 
 venv: $(STAMP)
 
@@ -49,6 +49,11 @@ search-log: $(STAMP)
 exercises: $(STAMP)
 	$(BIN)/python -m attribution_course.exercises generate
 	$(BIN)/python -m attribution_course.exercises check
+
+# Open the exercises in JupyterLab (from the lock, like everything else), in exercises/.
+# LAB_ARGS passes options, e.g. make lab LAB_ARGS="--no-browser --port 8899".
+lab: $(STAMP)
+	$(BIN)/jupyter lab --notebook-dir=exercises $(LAB_ARGS)
 
 # Grade one notebook (a copy is graded, in a bubblewrap sandbox; the file is never modified):
 #   make grade NB=exercises/03_exact_ablation.ipynb

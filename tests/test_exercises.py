@@ -11,6 +11,7 @@ import nbformat
 import pytest
 import torch
 
+from attribution_course import notebook_setup as setup
 from attribution_course.grading import generation as ex
 from attribution_course.grading.compare import compare
 
@@ -99,17 +100,88 @@ def test_solutions_are_executed_and_every_graded_output_is_the_stable_verdict(so
             assert outputs[0].text == f"ex {e.id} {e.name}: PASSED\n", f"{stem}: {outputs[0].text!r}"
 
 
-def test_learner_notebooks_hold_stubs_hints_and_reference_outputs_but_no_solution(parsed):
+def test_learner_notebooks_hold_stubs_hints_and_graded_cells_but_no_solution(parsed):
     for stem, exs in parsed.items():
         nb = ex.read_notebook(ex.exercise_path(stem))
         text = ex.exercise_path(stem).read_text()
         assert "BEGIN SOLUTION" not in text and "END SOLUTION" not in text
         for e in exs:
             assert ex.STUB in nb.cells[e.solution_cell].source
-            assert nb.cells[e.solution_cell].outputs == [] and nb.cells[e.solution_cell].execution_count is None
             graded = nb.cells[e.check_cell]
-            assert graded.execution_count is not None, "nbval silently skips a cell without execution_count"
-            assert graded.outputs[0].text == f"ex {e.id} {e.name}: PASSED\n"
+            assert ex.NBVAL_CHECK_TAG in graded.metadata.tags and graded.metadata[ex.METADATA_KEY]["exercise"] == e.id
+
+
+def learner_notebook_paths() -> list:
+    """exercises/*.ipynb, and book/downloads/*.ipynb when sync-book has written them."""
+    downloads = sorted((ex.BOOK_DIR / "downloads").glob("*.ipynb"))
+    return [ex.exercise_path(stem) for stem in ex.NOTEBOOK_STEMS] + downloads
+
+
+@pytest.mark.parametrize("path", learner_notebook_paths(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_no_learner_notebook_stores_an_output_let_alone_a_verdict(path):
+    """A learner must never see `PASSED` (or any value) under a stub they have not solved."""
+    problems = ex.stored_outputs(ex.read_notebook(path))
+    assert problems == [], f"{path}: " + "; ".join(problems)
+
+
+def test_stored_outputs_names_the_cell_and_the_verdict():
+    """The check above can fail: the solution notebook (graded outputs stored) is reported."""
+    problems = ex.stored_outputs(ex.read_notebook(ex.solution_path("03_exact_ablation")))
+    assert any("verdict 'ex 3.1 zero_ablate_head: PASSED'" in p for p in problems), problems
+    nb = ex.read_notebook(ex.exercise_path("03_exact_ablation"))
+    last = max(i for i, c in enumerate(nb.cells) if c.cell_type == "code")
+    nb.cells[last].outputs = [nbformat.v4.new_output("stream", name="stdout", text="ex 3.4 x: WRONG - off\n")]
+    assert ex.stored_outputs(nb) == [f"cell {last} stores 1 output(s) (execution count None), "
+                                     "among them the verdict 'ex 3.4 x: WRONG'"]
+
+
+# ---------------------------------------------------------------- the set-up cell
+
+
+def test_every_learner_notebook_opens_with_the_set_up_cell_for_the_configured_repository():
+    source = setup.setup_cell_source(setup.course_repository_url(environ={}))
+    for stem in ex.NOTEBOOK_STEMS:
+        nb = ex.read_notebook(ex.exercise_path(stem))
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        assert setup.is_setup_cell(code[0]) and code[0].source == source, f"{stem}: first code cell is not the set-up cell"
+        assert sum(setup.is_setup_cell(c) for c in nb.cells) == 1
+
+
+def run_setup_cell(source: str, monkeypatch, *, installed: bool) -> list[list[str]]:
+    """Run a set-up cell's code as a kernel would; return the pip commands it ran (none really run)."""
+    import importlib.util
+    import subprocess
+
+    commands = []
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: real_find_spec(name, *a) if installed or name != "attribution_course" else None)
+    monkeypatch.setattr(subprocess, "check_call", lambda command: commands.append(command))
+    exec(compile(source, "set-up cell", "exec"), {})
+    return commands
+
+
+def test_set_up_cell_without_a_repository_url_names_no_url_and_says_what_to_do(monkeypatch):
+    source = setup.setup_cell_source("")
+    assert "github.com" not in source and "OWNER" not in source and "git+" not in source
+    monkeypatch.delenv(setup.PACKAGE_SOURCE_ENV, raising=False)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install <path of the checkout>.*COURSE_PACKAGE_SOURCE"):
+        run_setup_cell(source, monkeypatch, installed=False)
+    monkeypatch.setenv(setup.PACKAGE_SOURCE_ENV, "/some/checkout")
+    [command] = run_setup_cell(source, monkeypatch, installed=False)
+    assert command[1:] == ["-m", "pip", "install", "--quiet", "/some/checkout"]
+
+
+def test_set_up_cell_installs_from_the_published_repository_with_torch_cpu(monkeypatch):
+    url = "https://github.com/someone/attribution-course"
+    source = setup.setup_cell_source(url)
+    monkeypatch.delenv(setup.PACKAGE_SOURCE_ENV, raising=False)
+    assert run_setup_cell(source, monkeypatch, installed=True) == [], "an installed package is left alone"
+    [command] = run_setup_cell(source, monkeypatch, installed=False)
+    assert command[-1] == f"attribution-course @ git+{url}" and setup.TORCH_CPU_INDEX in command
+    monkeypatch.setenv(setup.PACKAGE_SOURCE_ENV, "/some/checkout")
+    [command] = run_setup_cell(source, monkeypatch, installed=False)
+    assert command[-1] == "/some/checkout" and setup.TORCH_CPU_INDEX not in command
 
 
 def test_strip_solution_keeps_indentation_and_names_the_cell():
@@ -132,6 +204,7 @@ def test_malformed_solution_structure_is_reported_with_file_and_cell():
 
 def test_sync_book_writes_appendix_and_downloads(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "BOOK_DIR", tmp_path)
+    monkeypatch.delenv("COURSE_REPOSITORY_URL", raising=False)
     ex.sync_book(ex.available_stems())
     for stem in ex.NOTEBOOK_STEMS:
         appendix = ex.read_notebook(tmp_path / "appendix" / f"{stem}.ipynb")
@@ -140,7 +213,22 @@ def test_sync_book_writes_appendix_and_downloads(tmp_path, monkeypatch):
         folded = [c for c in appendix.cells if c.cell_type == "code" and ex.BEGIN_SOLUTION in c.source]
         assert folded and all("hide-input" in c.metadata.tags for c in folded)
         assert all(c.execution_count for c in appendix.cells if c.cell_type == "code"), "rendered without execution"
+        assert not any(setup.is_setup_cell(c) for c in appendix.cells), "the book's kernel needs no set-up cell"
         assert (tmp_path / "downloads" / f"{stem}.ipynb").read_bytes() == ex.exercise_path(stem).read_bytes()
+
+
+def test_downloads_install_from_the_repository_url_in_force(tmp_path, monkeypatch):
+    """The publishing workflow sets COURSE_REPOSITORY_URL: the book's downloads follow it, exercises/ does not."""
+    url = "https://github.com/someone/attribution-course"
+    monkeypatch.setattr(ex, "BOOK_DIR", tmp_path)
+    monkeypatch.setenv("COURSE_REPOSITORY_URL", url)
+    ex.sync_book(ex.available_stems())
+    for stem in ex.NOTEBOOK_STEMS:
+        download = ex.read_notebook(tmp_path / "downloads" / f"{stem}.ipynb")
+        [cell] = [c for c in download.cells if setup.is_setup_cell(c)]
+        assert cell.source == setup.setup_cell_source(url)
+        assert ex.stored_outputs(download) == []
+    assert ex.check(list(ex.NOTEBOOK_STEMS)) == [], "exercises/ depends on book/_config.yml alone"
 
 
 def test_book_lists_the_appendix_and_every_chapter_links_its_exercises():

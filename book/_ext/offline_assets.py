@@ -84,13 +84,9 @@ def _copy_plotly_js(app) -> None:
 
 def figure_trace_types(body: str) -> set[str]:
     """Trace types of every ``Plotly.newPlot(id, traces, ...)`` call in a page's HTML."""
-    decoder, types = json.JSONDecoder(), set()
-    for call in re.finditer(r"Plotly\.newPlot\(\s*", body):
-        _, position = decoder.raw_decode(body, call.end())  # the figure's div id
-        position = re.compile(r"\s*,\s*").match(body, position).end()
-        traces, _ = decoder.raw_decode(body, position)
-        types |= {trace.get("type", "scatter") for trace in traces}
-    return types
+    from attribution_course.plots import figures_in_html
+
+    return {trace.get("type", "scatter") for figure in figures_in_html(body) for trace in figure["data"]}
 
 
 def _script_name(script) -> str:

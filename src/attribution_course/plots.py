@@ -3,10 +3,12 @@
 Every figure works offline and in both light and dark page themes:
 
 * :func:`use_course_renderer` makes ``fig.show()`` emit two representations:
-  Plotly's own JSON (JupyterLab and VS Code draw it natively) and a small HTML
+  Plotly's own JSON (JupyterLab, Notebook 7 and VS Code draw it natively) and a small HTML
   snippet that calls the page's global ``Plotly`` (the book serves plotly.js
   from its own ``_static/`` folder, so no CDN is contacted). The snippet's
   ``<div>`` id is a hash of the figure, so rerunning a cell gives the same output.
+  In Colab, which has no renderer for Plotly's JSON and no global ``Plotly``, the HTML
+  loads plotly.js from plotly's CDN instead (:func:`notebook_bundle`).
 * the ``"course"`` template has a transparent background and a mid-grey font,
   which reads on white and on near-black; the book's CSS lightens text further
   in dark mode.
@@ -19,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -78,14 +82,28 @@ class _CourseRenderer(pio.base_renderers.MimetypeRenderer):
     """
 
     def to_mimebundle(self, fig_dict):
-        bundle = {"text/html": figure_html(fig_dict)}
-        if not os.environ.get(BOOK_BUILD_ENV):
-            bundle.update(pio.base_renderers.PlotlyRenderer(config=FIGURE_CONFIG).to_mimebundle(fig_dict))
-        return bundle
+        if os.environ.get(BOOK_BUILD_ENV):
+            return {"text/html": figure_html(fig_dict)}
+        return notebook_bundle(fig_dict, standalone_html="google.colab" in sys.modules)
 
 
-def figure_html(fig) -> str:
-    """An HTML ``<div>`` plus ``Plotly.newPlot`` call that uses the page's global Plotly.
+PLOTLY_MIME = "application/vnd.plotly.v1+json"
+
+
+def notebook_bundle(fig, *, standalone_html: bool) -> dict:
+    """A figure's output in a notebook: Plotly's JSON, which JupyterLab, Notebook 7 and VS Code
+    draw with no network (and prefer to any HTML), plus HTML for other front-ends:
+    ``standalone_html`` loads plotly.js from plotly's CDN (Colab, a downloaded notebook),
+    otherwise the HTML calls the global ``Plotly`` of the page it is on (the book's appendix)."""
+    fig_dict = fig if isinstance(fig, dict) else fig.to_dict()
+    bundle = pio.base_renderers.PlotlyRenderer(config=FIGURE_CONFIG).to_mimebundle(fig_dict)
+    bundle["text/html"] = figure_html(fig_dict, plotlyjs_from_cdn=standalone_html)
+    return bundle
+
+
+def figure_html(fig, *, plotlyjs_from_cdn: bool = False) -> str:
+    """An HTML ``<div>`` plus ``Plotly.newPlot`` call that uses the page's global Plotly
+    (or, with ``plotlyjs_from_cdn``, first loads plotly.js from plotly's CDN).
 
     The id is derived from the figure's JSON, so it is the same on every run.
     """
@@ -93,12 +111,30 @@ def figure_html(fig) -> str:
     digest = hashlib.sha1(json.dumps(fig_dict, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return pio.to_html(
         fig_dict,
-        include_plotlyjs=False,
+        include_plotlyjs="cdn" if plotlyjs_from_cdn else False,
         full_html=False,
         div_id=f"fig-{digest}",
         config={**FIGURE_CONFIG, "responsive": True},
         validate=False,
     )
+
+
+def figures_in_html(html: str) -> list[dict]:
+    """Every figure drawn by a ``Plotly.newPlot(id, data, layout[, config])`` call in ``html``
+    (what :func:`figure_html` writes), as ``{"data": ..., "layout": ..., "config": ...}``."""
+    decoder, separator, figures = json.JSONDecoder(), re.compile(r"\s*,\s*"), []
+    for call in re.finditer(r"Plotly\.newPlot\(\s*", html):
+        arguments, position = [], call.end()
+        while len(arguments) < 4:
+            value, position = decoder.raw_decode(html, position)
+            arguments.append(value)
+            comma = separator.match(html, position)
+            if comma is None:
+                break
+            position = comma.end()
+        figures.append({"data": arguments[1], "layout": arguments[2] if len(arguments) > 2 else {},
+                        "config": arguments[3] if len(arguments) > 3 else {}})
+    return figures
 
 
 def use_course_renderer() -> None:

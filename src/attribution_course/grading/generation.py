@@ -13,24 +13,31 @@ Commands (``python -m attribution_course.exercises COMMAND``):
 ``generate``
     re-execute every solution notebook (fresh kernel, fixed seeds) to refresh its
     stored outputs, then write ``exercises/NN_name.ipynb`` from it: solution bodies
-    become ``raise NotImplementedError(...)``, hints stay, graded cells keep the
-    solution's output (``ex 3.2 name: PASSED``) and execution count as nbval's reference.
+    become ``raise NotImplementedError(...)``, hints stay, and no cell keeps an output
+    (a learner's notebook never shows a verdict or a value it has not computed itself;
+    the grader takes its reference from a run of ``solutions/``, see ``grader.py``).
+    Both notebooks open with the set-up cell of :mod:`attribution_course.notebook_setup`
+    (it installs the course package where it is missing), written for the repository URL
+    of ``book/_config.yml``.
 ``check``
     fail (exit 1) if a solution notebook is malformed or unexecuted, or if any
     exercise notebook differs from what ``generate`` would write now.
 ``sync-book``
     write ``book/appendix/NN_name.ipynb`` (the solutions, rendered without
-    re-execution) and ``book/downloads/NN_name.ipynb`` (the learner notebooks).
+    re-execution) and ``book/downloads/NN_name.ipynb`` (the learner notebooks, their
+    set-up cell written for the repository URL in force, ``COURSE_REPOSITORY_URL`` included).
 
-Grading runs nbval in lax mode: only cells tagged ``nbval-check-output`` (the graded
-ones, tagged by this module) are compared with their stored output; every other
-cell only has to run.
+nbval runs in lax mode: only cells tagged ``nbval-check-output`` (the graded ones,
+tagged by this module) are compared with their stored output; every other cell only
+has to run. Only ``solutions/`` stores those outputs; the grader writes its own into the
+copies it runs (``notebooks.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import re
 import sys
@@ -39,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
+
+from ..notebook_setup import SETUP_TAG, course_repository_url, is_setup_cell, with_setup_cell
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 SOLUTIONS_DIR = REPO_ROOT / "solutions"
@@ -155,14 +164,17 @@ def exercise_metadata(exercise: Exercise) -> dict:
 # ---------------------------------------------------------------- canonical form
 
 
-def canonicalize(nb: nbformat.NotebookNode, stem: str, where: str | Path) -> nbformat.NotebookNode:
+def canonicalize(
+    nb: nbformat.NotebookNode, stem: str, where: str | Path, repository_url: str | None = None,
+) -> nbformat.NotebookNode:
     """The solution notebook in canonical form (a new object; ``nb`` is untouched).
 
     Fixed kernelspec, no tool metadata (jupytext, timings), deterministic cell ids,
-    graded cells tagged for nbval and labelled with their exercise, no stderr outputs
-    (progress bars carry timings), no cell metadata except tags and ours.
+    the set-up cell for ``repository_url`` (default: the one of ``book/_config.yml``) before
+    the first code cell, graded cells tagged for nbval and labelled with their exercise, no
+    stderr outputs (progress bars carry timings), no cell metadata except tags and ours.
     """
-    nb = copy.deepcopy(nb)
+    nb = with_setup_cell(copy.deepcopy(nb), committed_repository_url() if repository_url is None else repository_url)
     nb.nbformat, nb.nbformat_minor = 4, 5
     nb.metadata = nbformat.NotebookNode(
         kernelspec=dict(KERNELSPEC),
@@ -184,6 +196,12 @@ def canonicalize(nb: nbformat.NotebookNode, stem: str, where: str | Path) -> nbf
     return nb
 
 
+def committed_repository_url() -> str:
+    """The repository URL of ``book/_config.yml`` alone: committed notebooks depend only on
+    committed settings (``COURSE_REPOSITORY_URL`` is for the book's downloads, see sync-book)."""
+    return course_repository_url(environ={})
+
+
 def _merge_streams(outputs) -> list:
     """Join consecutive pieces of one stream: the kernel may split a print at random."""
     merged: list = []
@@ -200,24 +218,39 @@ def _merge_streams(outputs) -> list:
 
 
 def make_exercise_notebook(solution: nbformat.NotebookNode, stem: str, where: str | Path) -> nbformat.NotebookNode:
-    """The learner notebook: stubs for solutions, no outputs except the graded references."""
+    """The learner notebook: stubs for solutions, and no outputs at all.
+
+    A stored output would show a verdict (``PASSED``) or a value under a stub the learner
+    has not solved; the grader keeps its reference outputs to itself.
+    """
     nb = copy.deepcopy(solution)
-    graded = {e.check_cell for e in parse_exercises(nb, where)}
+    parse_exercises(nb, where)  # a malformed solution notebook is reported here, naming the cell
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         if BEGIN_SOLUTION in cell.source:
             cell.source = strip_solution(cell.source, f"{where}: cell {index}")
-        if index in graded:
-            if cell.execution_count is None or not cell.outputs:
-                raise NotebookFormatError(
-                    f"{where}: graded cell {index} has no stored output; run "
-                    "`python -m attribution_course.exercises generate` to execute the solutions"
-                )
-            continue
         cell.outputs = []
         cell.execution_count = None
     return nb
+
+
+#: What a verdict line of ``check()`` looks like (``ex 3.2 name: PASSED``, ``WRONG``, ``NOT ATTEMPTED``).
+_VERDICT = re.compile(r"\bex \d+\.\d+ \S+: (PASSED|WRONG|NOT ATTEMPTED)")
+
+
+def stored_outputs(nb) -> list[str]:
+    """Problems: each code cell of a learner notebook that stores an output, naming the cell
+    and quoting a verdict when the output holds one (empty list: no outputs)."""
+    problems = []
+    for index, cell in enumerate(nb.get("cells", [])):
+        outputs = cell.get("outputs") or []
+        if cell.get("cell_type") != "code" or not (outputs or cell.get("execution_count") is not None):
+            continue
+        verdict = _VERDICT.search(json.dumps(outputs, default=str))
+        problems.append(f"cell {index} stores {len(outputs)} output(s) (execution count {cell.get('execution_count')})"
+                        + (f", among them the verdict {verdict.group(0)!r}" if verdict else ""))
+    return problems
 
 
 def make_appendix_notebook(solution: nbformat.NotebookNode, stem: str) -> nbformat.NotebookNode:
@@ -226,6 +259,7 @@ def make_appendix_notebook(solution: nbformat.NotebookNode, stem: str) -> nbform
     first = nb.cells[0]
     lines = first.source.split("\n")
     title = lines[0].replace("# Exercises", "# Solutions", 1) if lines[0].startswith("# ") else f"# Solutions: {stem}"
+    nb.cells = [cell for cell in nb.cells if not is_setup_cell(cell)]  # the book's own kernel has the package
     note = (
         f"This page is the **reference solution** of the exercises notebook `{stem}.ipynb` "
         f"({{download}}`download the exercises <../downloads/{stem}.ipynb>`). The solution code is "
@@ -336,6 +370,7 @@ def check(stems: list[str]) -> list[str]:
 
 
 def sync_book(stems: list[str]) -> None:
+    url = course_repository_url()  # the URL in force for this build: COURSE_REPOSITORY_URL wins
     for stem in NOTEBOOK_STEMS:
         if stem not in stems:  # only while the course is being written: keeps the book's toc valid
             print(f"sync-book: WARNING {solution_path(stem)} does not exist yet; writing a placeholder page")
@@ -348,10 +383,11 @@ def sync_book(stems: list[str]) -> None:
         solution = canonicalize(read_notebook(path), stem, path)
         write_if_changed(BOOK_DIR / "appendix" / f"{stem}.ipynb", notebook_text(make_appendix_notebook(solution, stem)))
         learner = exercise_path(stem)
-        text = learner.read_text(encoding="utf-8") if learner.exists() else notebook_text(
-            make_exercise_notebook(solution, stem, path)
-        )
-        write_if_changed(BOOK_DIR / "downloads" / f"{stem}.ipynb", text)
+        nb = read_notebook(learner) if learner.exists() else make_exercise_notebook(solution, stem, path)
+        download = with_setup_cell(nb, url)
+        for index, cell in enumerate(download.cells):
+            cell.id = f"cell-{index:03d}"
+        write_if_changed(BOOK_DIR / "downloads" / f"{stem}.ipynb", notebook_text(download))
     print(f"sync-book: wrote book/appendix and book/downloads for {len(stems)} notebook(s)")
 
 
