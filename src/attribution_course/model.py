@@ -64,6 +64,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str = "
     record_value_bias(model)  # compatibility mode folds the value biases away; true zero ablation needs them
     model.enable_compatibility_mode()
     model.eval()
+    # where the bare twin of attribution_engine loads from (attribution at the cost floor)
+    setattr(model, "course_model_source", source)
     return model
 
 

@@ -710,14 +710,33 @@ def attribution_sweep(
     metric: Metric,
     replacements: Activations,
     family: str | Family,
+    engine: Literal["auto", "bridge", "bare"] = "auto",
 ) -> torch.Tensor:
-    """Attribution for every component of ``family``: one forward and one backward pass."""
+    """Attribution for every component of ``family``: one forward and one backward pass.
+
+    ``engine`` as in :func:`attribution_sweeps` (by default the bare twin where it serves the family).
+    """
     fam = get_family(family)
     check_tokens(base_tokens, "base_tokens")
     check_replacements(model, replacements, fam, base_tokens)
     names = hook_names(model, fam)
-    _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
+    _, activations, gradients = _caching_engine(model, names, engine)[1](model, base_tokens, metric, names)
     return attribution_estimate(activations, gradients, replacements, fam)
+
+
+def _caching_engine(model, names: list[str], engine: str):
+    """``(cache_activations, cache_activations_and_gradients)`` of the engine that serves ``names``."""
+    from . import attribution_engine
+
+    if engine not in ("auto", "bridge", "bare"):
+        raise ValueError(f"engine must be 'auto', 'bridge' or 'bare', got {engine!r}")
+    usable = engine != "bridge" and attribution_engine.usable(model, names)
+    if engine == "bare" and not usable:
+        raise ValueError(f"engine='bare' cannot serve hooks {names[0]} ... on this model "
+                         "(the attention pattern, a model not from load_model, or hooks attached to the bridge)")
+    if usable:
+        return attribution_engine.cache_activations, attribution_engine.cache_activations_and_gradients
+    return cache_activations, cache_activations_and_gradients
 
 
 def attribution_sweeps(
@@ -728,6 +747,7 @@ def attribution_sweeps(
     *,
     kind: ReplacementKind,
     source_tokens: Tokens | None = None,
+    engine: Literal["auto", "bridge", "bare"] = "auto",
 ) -> dict[str, torch.Tensor]:
     """Attribution for several component families at once, at the cost floor.
 
@@ -742,6 +762,11 @@ def attribution_sweeps(
     Noising: ``base_tokens`` = clean, ``source_tokens`` = corrupted;
     denoising: the other way round (:func:`base_and_source`).
     Returns ``{family name: estimate}``, each shaped :func:`effect_shape`.
+
+    ``engine="auto"`` runs both passes on the bare ``transformers`` twin of the bridge
+    (:mod:`attribution_engine`: same hook names and numbers, without the bridge's
+    overhead) whenever it serves every family and no hooks are attached to the
+    bridge; ``"bridge"`` always uses the bridge; ``"bare"`` insists on the twin.
     """
     if not families:
         raise ValueError("families must name at least one component family")
@@ -749,9 +774,10 @@ def attribution_sweeps(
     check_tokens(base_tokens, "base_tokens")
     _check_kind(kind, source_tokens, base_tokens)
     names = list(dict.fromkeys(name for fam in fams for name in hook_names(model, fam)))
+    cache, cache_with_gradients = _caching_engine(model, names, engine)
     if kind in ("patch", "resample") or (kind == "mean" and source_tokens is not None):
-        source = cache_activations(model, source_tokens, names)
-    _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, names)
+        source = cache(model, source_tokens, names)
+    _, activations, gradients = cache_with_gradients(model, base_tokens, metric, names)
     if kind in ("zero", "folded_zero"):
         replacements = {}
         for fam in fams:
