@@ -151,11 +151,14 @@ def figure_description(fig_dict: dict) -> str:
             kind = "bar chart"
         if kind not in kinds:
             kinds.append(kind)
-    sentence = [f"{(', '.join(kinds) or 'figure').capitalize()}: {_plain(layout.get('title')) or 'untitled'}."]
+    def first_upper(text: str) -> str:
+        return text[:1].upper() + text[1:]
+
+    sentence = [f"{first_upper(', '.join(kinds) or 'figure')}: {_plain(layout.get('title')) or 'untitled'}."]
     axes = [(name, _plain(layout.get(key, {}).get("title"))) for name, key in (("horizontal", "xaxis"), ("vertical", "yaxis"))]
     axes = [f"{name} axis: {title}" for name, title in axes if title]
     if axes:
-        sentence.append("; ".join(axes).capitalize() + ".")
+        sentence.append(first_upper("; ".join(axes)) + ".")
     series = [trace["name"] for trace in traces if trace.get("name") and trace.get("showlegend", True) is not False]
     if len(series) > 1:
         sentence.append("Series: " + ", ".join(dict.fromkeys(series)) + ".")
