@@ -146,3 +146,108 @@ def test_chapter_2_reads_the_circuit():
     headers = [th.get_text(strip=True) for th in section.select("table th")]
     assert headers[:2] == ["head", "role"], f"no roles table in the section: {headers}"
     assert "negative name mover" in section.get_text(), "the section says nothing about negative name movers"
+
+
+# ---------------------------------------------------------------- reading aids (issue 12)
+
+
+def figure_problems(page_path: Path, page: str) -> list[str]:
+    """Every plotly figure is a numbered <figure> with a caption, and the plot has a text alternative."""
+    problems = []
+    for div in soup(page_path).select("div.plotly-graph-div"):
+        figure = div.find_parent("figure")
+        number = figure.select_one("figcaption .caption-number") if figure else None
+        caption = figure.select_one("figcaption .caption-text") if figure else None
+        if figure is None or not figure.get("id"):
+            problems.append(f"{page}: figure {div.get('id')} is not in a <figure> with an id (no cell `mystnb: figure: name`)")
+        if number is None or not re.search(r"\d", number.get_text()):
+            problems.append(f"{page}: figure {div.get('id')} has no number")
+        if caption is None or len(caption.get_text(strip=True)) < 20:
+            problems.append(f"{page}: figure {div.get('id')} has no caption (or a stub): {caption}")
+        if div.get("role") != "img" or len(div.get("aria-label", "")) < 20:
+            problems.append(f"{page}: figure {div.get('id')} has no text alternative (role=img, aria-label)")
+    return problems
+
+
+def test_every_figure_is_numbered_captioned_and_described():
+    problems = [problem for page in pages() for problem in figure_problems(page, str(page.relative_to(HTML)))]
+    assert not problems, "\n".join(problems)
+
+
+def test_figure_check_fails_on_a_bare_figure(tmp_path):
+    bare = tmp_path / "bare.html"
+    bare.write_text('<div class="cell_output"><div id="fig-1" class="plotly-graph-div"></div></div>')
+    assert len(figure_problems(bare, "bare.html")) == 4, figure_problems(bare, "bare.html")
+
+
+def test_figure_numbers_follow_the_chapter():
+    """Sphinx numfig with the book's chapter numbers: chapter 3's first figure is "Fig. 3.1"."""
+    numbers = [n.get_text(strip=True) for n in soup(HTML / "03_exact_ablation.html").select("figure figcaption .caption-number")]
+    assert numbers and numbers[0].startswith("Fig. 3.1"), numbers
+
+
+BIBLIOGRAPHY_LABEL = re.compile(r"^[^\W\d][^\d\[\]]*?(?: et al\.)?, (\d{4}[a-z]?|n\.d\.)$")
+
+
+def test_bibliography_labels_read_like_the_citations():
+    """[Nanda, 2023] in the text points at an entry labelled [Nanda, 2023], not at [1]."""
+    bibliography = soup(HTML / "bibliography.html")
+    labels = {}
+    for entry in bibliography.select('[role="doc-biblioentry"], div.citation'):
+        label = entry.select_one(".label")
+        labels[entry.get("id")] = label.get_text(strip=True).strip("[]") if label else ""
+    assert labels, "the bibliography page lists no entries"
+    problems = [f"bibliography label {label!r} is not 'Author, year'" for label in labels.values() if not BIBLIOGRAPHY_LABEL.match(label)]
+    cited = 0
+    for chapter in CHAPTERS:
+        for link in soup(HTML / f"{chapter}.html").select('a[href*="bibliography.html#"]'):
+            target = link["href"].split("#", 1)[1]
+            text = " ".join(link.get_text().split())
+            cited += 1
+            if target not in labels or text not in labels[target]:
+                problems.append(f"{chapter}: citation {text!r} points at an entry labelled {labels.get(target)!r}")
+    assert cited, "no citation found in the chapters"
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("stem", NOTEBOOK_STEMS)
+def test_appendix_page_links_back_to_its_chapter(stem):
+    links = [a.get("href", "") for a in soup(HTML / "appendix" / f"{stem}.html").select("article a[href]")]
+    assert any(h.split("#")[0] in (f"../{stem}.html", f"{stem}.html") for h in links), (
+        f"appendix/{stem}: no link back to its chapter: {links[:20]}")
+
+
+@pytest.mark.parametrize("stem", NOTEBOOK_STEMS)
+def test_exercise_ratings_are_words_not_only_emoji(stem):
+    """A screen reader hears "Difficulty: 2 of 3", not "large red circle" three times."""
+    text_problems = []
+    for heading_text in soup(HTML / "appendix" / f"{stem}.html").find_all(string=re.compile(r"(Difficulty|Importance):")):
+        paragraph = heading_text.find_parent(["p", "li", "div"])
+        spoken = paragraph.get_text(" ", strip=True)
+        for hidden in paragraph.select('[aria-hidden="true"]'):
+            spoken = spoken.replace(hidden.get_text(" ", strip=True), "")
+        for kind in ("Difficulty", "Importance"):
+            if kind + ":" in spoken and not re.search(kind + r": [1-3] of 3\b", spoken):
+                text_problems.append(f"{kind} not in words: {spoken!r}")
+        if re.search("[🔴🔵⚪]", spoken):
+            text_problems.append(f"circles read aloud: {spoken!r}")
+    assert not text_problems, "\n".join(text_problems)
+
+
+# Chapter 8 is being rewritten on its own branch, with its box; until that lands it has none.
+CHAPTER_8_PENDING = pytest.mark.xfail(reason="chapter 8's Check yourself comes with its rewrite (another branch)")
+
+
+@pytest.mark.parametrize("chapter", [pytest.param(c, marks=CHAPTER_8_PENDING) if c.startswith("08_") else c
+                                     for c in CHAPTERS[1:8]])
+def test_chapters_2_to_8_have_a_check_yourself_box(chapter):
+    boxes = [b for b in soup(HTML / f"{chapter}.html").select("div.admonition") if "Check yourself" in b.get_text()]
+    assert boxes, f"{chapter}: no 'Check yourself' box"
+    assert all("Answer" in b.get_text() and "Question" in b.get_text() for b in boxes), f"{chapter}: a box without question and answer"
+
+
+def test_both_directions_are_separate_named_traces():
+    """Chapter 6's patching scatter: noising and denoising are two series, not one trace of both."""
+    section = soup(HTML / "06_getting_the_sign_right.html").select_one("section#noising-and-denoising")
+    names = re.findall(r'"name":\s*"([^"]+)"', " ".join(json for _, json in NEW_PLOT.findall(str(section))))
+    assert "noising" in names and "denoising" in names, names

@@ -320,3 +320,20 @@ def test_compare_never_raises_on_values_it_cannot_compare():
     assert not ok and "top components: cannot be compared" in detail  # a verdict, not an exception
     ok, detail = compare(object(), torch.zeros(2), atol=0, rtol=0, what="effects")
     assert not ok and "effects" in detail
+
+
+def test_appendix_spells_out_ratings_and_links_back_to_its_chapter():
+    from attribution_course.grading.generation import make_appendix_notebook, spell_out_ratings
+
+    spoken = spell_out_ratings("Difficulty: 🔴🔴⚪ · Importance: 🔵⚪⚪")
+    assert spoken == ('Difficulty: 2 of 3 <span aria-hidden="true">🔴🔴⚪</span> · '
+                      'Importance: 1 of 3 <span aria-hidden="true">🔵⚪⚪</span>')
+    assert spell_out_ratings("no markers here") == "no markers here"
+    solution = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# Exercises: x"),
+        nbformat.v4.new_markdown_cell("## Exercise 9.1: `f`\n\nDifficulty: 🔴⚪⚪ · Importance: 🔵🔵🔵"),
+    ])
+    appendix = make_appendix_notebook(solution, "09_x")
+    assert "{doc}`/09_x`" in appendix.cells[0].source
+    assert "Difficulty: 1 of 3" in appendix.cells[1].source and "Importance: 3 of 3" in appendix.cells[1].source
+    assert solution.cells[1].source.startswith("## Exercise 9.1"), "the solution notebook is not modified"

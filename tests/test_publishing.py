@@ -93,6 +93,27 @@ def test_a_repository_url_gives_repository_and_binder_links():
     assert options["launch_buttons"]["binderhub_url"] == "https://mybinder.org"
 
 
+def _launch_menu(url: str, pagename: str) -> list[dict]:
+    """The theme's launch menu of `pagename` after the extension's Colab step, for repository `url`."""
+    from types import SimpleNamespace
+
+    options = repository_links.theme_options_for(url, {"repository_branch": "main"})
+    app = SimpleNamespace(config=SimpleNamespace(html_theme_options=options), srcdir=str(REPO / "book"))
+    menu = {"label": "launch-buttons", "buttons": []} if options["launch_buttons"] else None
+    context = {"header_buttons": [menu] if menu else []}
+    repository_links._add_colab_button(app, pagename, "page.html", context, None)
+    return menu["buttons"] if menu else []
+
+
+def test_colab_opens_a_chapters_exercises_only_with_a_repository_url():
+    buttons = _launch_menu("https://github.com/someone/course", "03_exact_ablation")
+    assert [b["url"] for b in buttons] == [
+        "https://colab.research.google.com/github/someone/course/blob/main/exercises/03_exact_ablation.ipynb"]
+    assert (REPO / "exercises" / "03_exact_ablation.ipynb").is_file()
+    assert _launch_menu("", "03_exact_ablation") == []
+    assert _launch_menu("https://github.com/someone/course", "09_cost") == [], "chapter 9 has no exercises notebook"
+
+
 def test_repository_url_comes_from_the_environment_first():
     variable = repository_links.ENVIRONMENT_VARIABLE
     assert repository_links.repository_url("", {}) == ""

@@ -82,9 +82,43 @@ def _offer_executed_notebook(app, pagename, templatename, context, doctree) -> N
     context["ipynb_source"] = f"{pagename}.ipynb"
 
 
+COLAB_URL = "https://colab.research.google.com"
+EXERCISES_DIR = "exercises"
+
+
+def colab_exercises_url(url: str, branch: str, pagename: str, repository_root: Path) -> str:
+    """Colab's link to the exercises notebook of a chapter ('' without a repository URL or exercises).
+
+    Colab opens notebooks from GitHub, not a chapter's MyST Markdown source (the theme's own
+    Colab button would point at ``book/<chapter>.md``), so the link opens the chapter's exercises
+    notebook, ``exercises/<chapter>.ipynb``, whose first cell installs the course in Colab.
+    """
+    if not url or not (repository_root / EXERCISES_DIR / f"{pagename}.ipynb").is_file():
+        return ""
+    owner_and_name = url.split("github.com/", 1)[1]
+    return f"{COLAB_URL}/github/{owner_and_name}/blob/{branch}/{EXERCISES_DIR}/{pagename}.ipynb"
+
+
+def _add_colab_button(app, pagename, templatename, context, doctree) -> None:
+    """A "Colab (exercises)" entry in the theme's launch menu of a chapter with exercises."""
+    options = app.config.html_theme_options
+    link = colab_exercises_url(options.get("repository_url", ""), options.get("repository_branch") or "main",
+                               pagename, Path(app.srcdir).parent)
+    if not link:
+        return
+    for group in context.get("header_buttons", []):
+        if group.get("label") == "launch-buttons":
+            group["buttons"].append({
+                "type": "link", "text": "Colab (exercises)", "tooltip": "Open this chapter's exercises in Colab",
+                "icon": "_static/images/logo_colab.png", "url": link,
+            })
+
+
 def setup(app):
     app.add_config_value("course_repository_url", "", "html", types=[str])
     app.connect("config-inited", _apply)
     # after the theme's prep_header_buttons (500), before its add_header_buttons (501)
     app.connect("html-page-context", _offer_executed_notebook, priority=500)
+    # after the theme's add_launch_buttons (501), which makes the launch menu
+    app.connect("html-page-context", _add_colab_button, priority=502)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -670,7 +670,9 @@ def scaling_figure(results: dict):
     """A plotly figure: time vs number of prompts and vs number of positions swept (log y)."""
     from plotly.subplots import make_subplots
 
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("time vs number of prompts", "time vs positions swept (head x position)"))
+    # one panel above the other: side by side, each panel would be a sixth of a phone's width
+    figure = make_subplots(rows=2, cols=1, vertical_spacing=0.2,
+                           subplot_titles=("time vs number of prompts", "time vs positions swept (head x position)"))
     prompts = results["scaling"]["prompts"]
     # one colour per series in both panels; marker symbol and dash differ too, so the
     # lines read without colour
@@ -684,12 +686,12 @@ def scaling_figure(results: dict):
         "bare floor 2F+1B": dict(symbol="cross", dash="dot", color="#000000"),
     }
 
-    def add(rows, x_key, key, label, col, showlegend):
+    def add(rows, x_key, key, label, panel, showlegend):
         figure.add_scatter(
             x=[r[x_key] for r in rows], y=[r[key] for r in rows], name=label, legendgroup=label, showlegend=showlegend,
             mode="lines+markers", marker=dict(symbol=style[label]["symbol"], size=9, color=style[label]["color"]),
             line=dict(dash=style[label]["dash"], color=style[label]["color"]),
-            row=1, col=col,
+            row=panel, col=1,
         )
 
     series = [
@@ -702,14 +704,14 @@ def scaling_figure(results: dict):
     ]
     for key, label in series:
         if any(row.get(key) is not None for row in prompts):
-            add(prompts, "n_prompts", key, label, col=1, showlegend=True)
+            add(prompts, "n_prompts", key, label, panel=1, showlegend=True)
     positions = results["scaling"]["positions"]
     for key, label in [("exact_ours_s", "exact, ours"), ("exact_ours_loop_s", "exact, one at a time"), ("attribution_ours_s", "attribution, ours")]:
-        add(positions, "n_positions_swept", key, label, col=2, showlegend=key == "exact_ours_loop_s")
+        add(positions, "n_positions_swept", key, label, panel=2, showlegend=key == "exact_ours_loop_s")
     figure.update_yaxes(type="log", title_text="seconds (median)")
     figure.update_xaxes(title_text="prompts", row=1, col=1)
-    figure.update_xaxes(title_text="positions swept", row=1, col=2)
-    figure.update_layout(height=420, margin=dict(t=40, b=40, l=60, r=20))
+    figure.update_xaxes(title_text="positions swept", row=2, col=1)
+    figure.update_layout(height=720, margin=dict(b=40, l=60, r=20))
     return figure
 
 

@@ -18,11 +18,14 @@ Every figure works offline and in both light and dark page themes:
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import html as html_module
 import json
 import os
 import re
 import sys
+import textwrap
 from typing import Sequence
 
 import numpy as np
@@ -45,6 +48,20 @@ SEQUENTIAL = "Blues"
 MAX_COLUMNS_WITH_VALUES = 8
 #: Font size of values printed in heatmap cells and on bars (pixels).
 VALUE_FONT_SIZE = 12
+#: Titles are wrapped at this many characters: a line of the title font then fits a 390 px phone.
+TITLE_WRAP = 42
+#: Font size of figure titles (pixels).
+TITLE_FONT_SIZE = 15
+#: Height of plotly's toolbar (the "modebar", top right of every figure, 25 px) plus a gap: titles start below it.
+MODEBAR_CLEARANCE = 34
+#: Height of one title line (pixels, measured in Chromium at :data:`TITLE_FONT_SIZE`).
+TITLE_LINE_HEIGHT = 20
+#: plotly anchors a title of several lines about this much higher than a one-line title (measured).
+MULTILINE_TITLE_SHIFT = 15
+#: Room for tick labels of an x axis drawn above the plot (and for its title, if it has one).
+TOP_AXIS_HEIGHT = 28
+#: Text on bars shrinks to fit the bar; below this size (pixels) it is hidden instead (hover shows the value).
+MIN_BAR_TEXT_SIZE = 9
 
 _GRID = "rgba(128,128,128,0.30)"
 _FONT = "#6b6b6b"
@@ -62,6 +79,10 @@ def _course_template() -> go.layout.Template:
         yaxis=axis,
         margin=dict(l=60, r=20, t=60, b=50),
         hoverlabel=dict(font=dict(color="#111111"), bgcolor="#fafafa"),
+        # the title at the left, under the toolbar (fit_narrow_screens sets its distance from the top)
+        title=dict(x=0, xref="container", xanchor="left", y=1, yref="container", yanchor="top",
+                   font=dict(size=TITLE_FONT_SIZE)),
+        uniformtext=dict(minsize=MIN_BAR_TEXT_SIZE, mode="hide"),
     )
     return template
 
@@ -82,6 +103,7 @@ class _CourseRenderer(pio.base_renderers.MimetypeRenderer):
     """
 
     def to_mimebundle(self, fig_dict):
+        fig_dict = fit_narrow_screens(fig_dict)
         if os.environ.get(BOOK_BUILD_ENV):
             return {"text/html": figure_html(fig_dict)}
         return notebook_bundle(fig_dict, standalone_html="google.colab" in sys.modules)
@@ -105,11 +127,12 @@ def figure_html(fig, *, plotlyjs_from_cdn: bool = False) -> str:
     """An HTML ``<div>`` plus ``Plotly.newPlot`` call that uses the page's global Plotly
     (or, with ``plotlyjs_from_cdn``, first loads plotly.js from plotly's CDN).
 
-    The id is derived from the figure's JSON, so it is the same on every run.
+    The id is derived from the figure's JSON, so it is the same on every run. The ``<div>`` is
+    an image to assistive technology (``role="img"``), named by :func:`figure_description`.
     """
     fig_dict = fig if isinstance(fig, dict) else fig.to_dict()
     digest = hashlib.sha1(json.dumps(fig_dict, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return pio.to_html(
+    html = pio.to_html(
         fig_dict,
         include_plotlyjs="cdn" if plotlyjs_from_cdn else False,
         full_html=False,
@@ -117,6 +140,83 @@ def figure_html(fig, *, plotlyjs_from_cdn: bool = False) -> str:
         config={**FIGURE_CONFIG, "responsive": True},
         validate=False,
     )
+    label = html_module.escape(figure_description(fig_dict), quote=True)
+    return html.replace('class="plotly-graph-div"', f'class="plotly-graph-div" role="img" aria-label="{label}"', 1)
+
+
+def _plain(text) -> str:
+    """Title text without plotly's HTML line breaks and tags."""
+    text = text.get("text", "") if isinstance(text, dict) else (text or "")
+    return " ".join(re.sub(r"<[^>]+>", " ", str(text)).split())
+
+
+def figure_description(fig_dict: dict) -> str:
+    """A one-sentence text alternative for a figure: its kind, title, axes and series.
+
+    E.g. "Heatmap: Exact effect of ablating each head. Horizontal axis: head; vertical axis: layer."
+    """
+    traces = fig_dict.get("data", [])
+    layout = fig_dict.get("layout", {})
+    kinds = []
+    for trace in traces:
+        kind = trace.get("type", "scatter")
+        if kind == "scatter":
+            kind = "line chart" if "lines" in str(trace.get("mode", "lines")) and trace.get("hoverinfo") != "skip" else "scatter plot"
+            if trace.get("hoverinfo") == "skip":
+                continue  # a reference line such as y = x
+        elif kind == "bar":
+            kind = "bar chart"
+        if kind not in kinds:
+            kinds.append(kind)
+    def first_upper(text: str) -> str:
+        return text[:1].upper() + text[1:]
+
+    sentence = [f"{first_upper(', '.join(kinds) or 'figure')}: {_plain(layout.get('title')) or 'untitled'}."]
+    axes = [(name, _plain(layout.get(key, {}).get("title"))) for name, key in (("horizontal", "xaxis"), ("vertical", "yaxis"))]
+    axes = [f"{name} axis: {title}" for name, title in axes if title]
+    if axes:
+        sentence.append(first_upper("; ".join(axes)) + ".")
+    series = [trace["name"] for trace in traces if trace.get("name") and trace.get("showlegend", True) is not False]
+    if len(series) > 1:
+        sentence.append("Series: " + ", ".join(dict.fromkeys(series)) + ".")
+    return " ".join(sentence)
+
+
+def wrap_title(text: str, width: int = TITLE_WRAP) -> str:
+    """``text`` with plotly line breaks (``<br>``) so that no line is longer than ``width`` characters."""
+    lines = re.split(r"<br\s*/?>", text)
+    return "<br>".join("<br>".join(textwrap.wrap(line, width)) or line for line in lines)
+
+
+def fit_narrow_screens(fig_dict: dict) -> dict:
+    """The layout every course figure is shown with, legible on a 390 px phone and on a desktop.
+
+    * the title is wrapped (:func:`wrap_title`) and starts below the toolbar, which covers the
+      top right of a figure (half its width on a phone); the top margin makes room for it;
+    * a legend is horizontal, at the bottom, left-aligned (plotly moves the axis title up to
+      make room): a legend at the side takes a third of a phone's width, and long series names
+      were cut off on wide screens.
+
+    Heatmap cell values are hidden in the browser while the cells are too narrow for them
+    (``book/_static/course-figures.js``); text on bars is hidden below :data:`MIN_BAR_TEXT_SIZE`
+    (the template's ``uniformtext``). Returns a new dict; ``fig_dict`` is not modified.
+    """
+    fig_dict = copy.deepcopy(fig_dict)
+    layout = fig_dict.setdefault("layout", {})
+    title = layout.get("title")
+    if isinstance(title, str):
+        title = layout["title"] = {"text": title}
+    top = MODEBAR_CLEARANCE
+    if title and title.get("text"):
+        title["text"] = wrap_title(title["text"])
+        lines = title["text"].count("<br>") + 1
+        title["pad"] = {"t": MODEBAR_CLEARANCE + (MULTILINE_TITLE_SHIFT if lines > 1 else 0), "l": 8}
+        top += lines * TITLE_LINE_HEIGHT
+    top_axes = [axis for key, axis in layout.items() if key.startswith("xaxis") and isinstance(axis, dict) and axis.get("side") == "top"]
+    top += sum(TOP_AXIS_HEIGHT * (2 if _plain(axis.get("title")) else 1) for axis in top_axes[:1])
+    layout.setdefault("margin", {})["t"] = top + 12
+    layout.setdefault("legend", {}).update(orientation="h", x=0, xanchor="left", y=0, yanchor="bottom", yref="container")
+    return fig_dict
 
 
 def figures_in_html(html: str) -> list[dict]:
@@ -213,7 +313,10 @@ def heatmap(
             x=list(x_labels),
             y=list(y_labels),
             **colours,
-            colorbar=dict(title=dict(text=value_name)),
+            # a horizontal colour bar at the bottom leaves the cells the figure's whole width (a
+            # phone then still has room for printed values); plotly lifts the x axis above it
+            colorbar=dict(title=dict(text=value_name, side="right"), orientation="h", thickness=12, len=0.6,
+                          x=0, xanchor="left", xref="container", y=0, yanchor="bottom", yref="container"),
             texttemplate=f"%{{z:.{digits}f}}" if show_values else None,
             textfont=dict(size=10),
             hovertemplate=f"{y_title or 'row'} %{{y}}<br>{x_title or 'column'} %{{x}}<br>{value_name} %{{z:.4f}}<extra></extra>",
@@ -225,7 +328,8 @@ def heatmap(
         title=title,
         xaxis=dict(title=x_title, type="category", showgrid=False),
         yaxis=dict(title=y_title, type="category", autorange="reversed", showgrid=False),
-        height=height or max(280, 60 + 28 * len(y_labels)),
+        # rows of 30 px, plus the title, the x axis (its labels turn on a phone) and the colour bar
+        height=height or 240 + 30 * len(y_labels),
     )
     return fig
 
@@ -343,7 +447,6 @@ def _add_diagonal(fig: go.Figure, arrays: list[np.ndarray], *, x_title: str, y_t
         xaxis=dict(title=x_title, range=[low, high], zeroline=True),
         yaxis=dict(title=y_title, range=[low, high], zeroline=True, scaleanchor="x", scaleratio=1),
         height=520,
-        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
     )
 
 
@@ -443,7 +546,7 @@ def head_attention_heatmap(targets: dict[str, object], *, title: str, x_title: s
         colorbar=dict(orientation="h", y=-0.04, yanchor="top", thickness=12, title=dict(side="top")),
         hovertemplate="%{y} → %{x}<br>attention %{z:.3f}<extra></extra>",
     )
-    fig.update_layout(xaxis=dict(side="top"), margin=dict(l=60, r=20, t=100 if x_title else 80, b=20))
+    fig.update_layout(xaxis=dict(side="top"), margin=dict(l=60, r=20, b=20))  # top margin: fit_narrow_screens
     return fig
 
 

@@ -65,6 +65,7 @@ MIN_HEATMAP_FRACTION = 0.30  # a heatmap covers a large part of its axes
 MIN_TEXT_CONTRAST = 3.0  # WCAG 2 minimum for large text and graphics; 1.0 = invisible
 
 FACTS_JS = (Path(__file__).with_name("page_facts.js")).read_text()
+FIGURE_LAYOUT_JS = (Path(__file__).with_name("figure_layout_facts.js")).read_text()
 
 # In-page fetch, so the browser's own view of a URL is tested (status, type, and notebook shape).
 FETCH_JS = """async (url) => {
@@ -281,6 +282,7 @@ class PageReport:
     fetched: dict[str, dict] = field(default_factory=dict)  # url -> FETCH_JS result
     downloads: list[dict] = field(default_factory=list)  # clicked download-role links
     transfers: list[dict] = field(default_factory=list)  # {url, bytes, decoded} per loaded resource
+    figure_layout: list[dict] = field(default_factory=list)  # figure_layout_facts.js, as loaded
     seconds: float = 0.0
 
     @property
@@ -347,7 +349,8 @@ def visit_page(
         status = response.status if response else 0
         _wait_for_rendering(page, wait_for_selector, render_timeout_ms)
         facts = page.evaluate(FACTS_JS)
-        report = PageReport(name=name, url=url, status=status, facts=facts, transfers=page.evaluate(TRANSFERRED_JS))
+        report = PageReport(name=name, url=url, status=status, facts=facts, transfers=page.evaluate(TRANSFERRED_JS),
+                            figure_layout=page.evaluate(FIGURE_LAYOUT_JS))
         shot = output_dir / f"{name}.png"
         page.screenshot(path=str(shot), full_page=True)
         report.screenshots.append(shot)
@@ -648,6 +651,7 @@ class NavigationReport:
     layout: dict  # layout_facts.js on the page as loaded
     toggles: dict[str, dict] = field(default_factory=dict)  # "primary"/"secondary" -> what clicking did
     screenshot: Path | None = None
+    figure_layout: list[dict] = field(default_factory=list)  # figure_layout_facts.js, as loaded
 
 
 def _click_toggle(page, selector: str, links_key: str) -> dict:
@@ -683,7 +687,8 @@ def navigation_visit(browser, url: str, name: str, blocked_log: list[str], viewp
     try:
         page.goto(url, wait_until="load", timeout=PAGE_LOAD_TIMEOUT_MS)
         _wait_for_rendering(page, None, render_timeout_ms)
-        report = NavigationReport(name=name, viewport=viewport, layout=page.evaluate(LAYOUT_JS, LINK_SELECTORS))
+        report = NavigationReport(name=name, viewport=viewport, layout=page.evaluate(LAYOUT_JS, LINK_SELECTORS),
+                                  figure_layout=page.evaluate(FIGURE_LAYOUT_JS))
         shot = output_dir / f"{name}-{viewport['width']}px.png"
         page.screenshot(path=str(shot))
         report.screenshot = shot
@@ -804,3 +809,54 @@ def cloud_link_problems(report: PageReport) -> list[str]:
 
 def placeholder_link_problems(report: PageReport) -> list[str]:
     return [f"{report.name}: link to a placeholder repository: {href}" for href in report.facts["placeholderLinks"]]
+
+
+# ---------------------------------------------------------------- figures legible at every width
+
+#: On a phone the plotting area keeps at least this share of a figure's width (a legend or colour
+#: bar at the side took 40%).
+MIN_PHONE_PLOT_FRACTION = 0.6
+#: Printed values (heatmap cells) are never smaller than this (CSS pixels).
+MIN_VALUE_FONT_PX = 9
+PHONE_MAX_WIDTH = 600
+
+
+def _overlap(a: dict, b: dict, tolerance: float = 0.5) -> bool:
+    return (min(a["right"], b["right"]) - max(a["left"], b["left"]) > tolerance
+            and min(a["bottom"], b["bottom"]) - max(a["top"], b["top"]) > tolerance)
+
+
+def figure_layout_problems(figures: list[dict], page: str, viewport_width: int) -> list[str]:
+    """Titles clear of the toolbar, legends inside the figure and off the plot, heatmap values that fit.
+
+    `figures` is figure_layout_facts.js's list for one page at one viewport width.
+    """
+    problems = []
+    for f in figures:
+        where = f"{page} at {viewport_width} px, figure #{f['index'] + 1} ({f['id']})"
+        box = f["figure"]
+        if f["modebar"]:
+            covered = [t["text"] for t in f["texts"] if _overlap(t, f["modebar"])]
+            if covered:
+                problems.append(f"{where}: text under the plotly toolbar: {covered[:3]}")
+        cut = [t["text"] for t in f["titles"] + f["legendTexts"] if t["left"] < box["left"] - 1 or t["right"] > box["right"] + 1]
+        if cut:
+            problems.append(f"{where}: title or legend text cut off at the figure's edge: {cut[:3]}")
+        legend = f["legend"]
+        if legend:
+            if legend["left"] < box["left"] - 1 or legend["right"] > box["right"] + 1 or legend["bottom"] > box["bottom"] + 1 or legend["top"] < box["top"] - 1:
+                problems.append(f"{where}: the legend reaches outside the figure ({legend} vs {box})")
+            if any(_overlap(legend, area, 2) for area in f["plotAreas"]):
+                problems.append(f"{where}: the legend covers the plot")
+        widest_plot = max((area["width"] for area in f["plotAreas"]), default=0)
+        if viewport_width <= PHONE_MAX_WIDTH and f["plotAreas"] and widest_plot < MIN_PHONE_PLOT_FRACTION * box["width"]:
+            problems.append(f"{where}: the plot is only {widest_plot / box['width']:.0%} of the figure's width "
+                            f"(at least {MIN_PHONE_PLOT_FRACTION:.0%} on a phone)")
+        values = f["heatmapValues"]
+        smeared = sum(_overlap(a, b) for i, a in enumerate(values) for b in values[i + 1:])
+        if smeared:
+            problems.append(f"{where}: {smeared} pair(s) of heatmap values overlap (text smeared)")
+        tiny = [v["text"] for v in values if v["fontSize"] < MIN_VALUE_FONT_PX]
+        if tiny:
+            problems.append(f"{where}: {len(tiny)} heatmap value(s) in a font under {MIN_VALUE_FONT_PX} px")
+    return problems

@@ -75,7 +75,44 @@ DESKTOP_NAVIGATION = """
 HEATMAP = {"type": "heatmap", "z": [[1, 2, 3], [3, 1, 2], [2, 3, 1]]}
 SCATTER = {"type": "scatter", "mode": "markers", "x": list(range(20)), "y": [i % 7 for i in range(20)], "marker": {"size": 8}}
 
+def _course_figures() -> str:
+    """Figures as the book shows them (plots' layout for narrow screens), one of each crowded kind."""
+    import numpy as np
+
+    from attribution_course import plots
+
+    plots.use_course_renderer()  # the course's template, as every chapter sets it
+    values = np.linspace(-2, 2, 4 * 15).reshape(4, 15)
+    series = {name: np.linspace(0, 1, 6) * (k + 1) for k, name in enumerate(["a long series name, first", "a long series name, second", "third"])}
+    figures = [
+        plots.heatmap(values, x_labels=[f"p{i}" for i in range(15)], y_labels=[f"L{i}" for i in range(4)],
+                      title="A heatmap with fifteen columns and a title long enough to wrap", x_title="position", y_title="layer"),
+        plots.exact_vs_estimate(np.linspace(-1, 1, 12), {"right sign": np.linspace(-1, 1, 12), "wrong sign": -np.linspace(-1, 1, 12)},
+                                labels=[f"c{i}" for i in range(12)], title="Exact against estimate, two series, a long title"),
+        plots.lines({name: list(range(6)) for name in series}, series, title="Lines", x_title="x", y_title="y"),
+    ]
+    return "".join(f'<div style="margin: 1em 0">{plots.figure_html(plots.fit_narrow_screens(f.to_dict()))}</div>' for f in figures)
+
+
+# plotly's defaults on a phone: a long centred title under the toolbar, a legend at the side, values that overlap
+CROWDED_FIGURES = "".join(
+    f'<div id="{div_id}" class="plotly-graph-div" style="height:360px; width:100%;"></div>'
+    f"<script>Plotly.newPlot('{div_id}', {json.dumps(data)}, {json.dumps(layout)}, {{responsive: true}});</script>"
+    for div_id, data, layout in [
+        ("crowded-heatmap", [{"type": "heatmap", "z": [[i * 1.234 - 9 for i in range(15)]] * 4, "texttemplate": "%{z:.2f}"}],
+         {"title": {"text": "Restored by patching the residual stream at each position"}}),
+        ("fixed-font-heatmap", [{"type": "heatmap", "z": [[i * 1.234 - 9 for i in range(15)]] * 4, "texttemplate": "%{z:.2f}",
+                                 "textfont": {"size": 10}}], {"title": {"text": "Values in a fixed font"}}),
+        ("side-legend", [{**SCATTER, "name": "a long series name, first"}, {**SCATTER, "name": "a long series name, second"}],
+         {"title": {"text": "Exact against estimate, with a legend at the side"}}),
+        ("title-at-top-right", [SCATTER], {"title": {"text": "Effect by layer", "x": 0.98, "xanchor": "right", "y": 0.99, "yanchor": "top"}}),
+    ]
+)
+
 PAGES = {
+    "figures_course": dict(title=f"Figures — {COURSE}", extra_head="", body=_course_figures(),
+                           plotly_tag='<script src="plotly.min.js"></script><script src="course-figures.js"></script>'),
+    "figures_crowded": dict(title=f"Crowded — {COURSE}", extra_head="", body=CROWDED_FIGURES),
     "good": dict(
         title=f"Good page — {COURSE}",
         extra_head='<link rel="icon" href="icon.png">',
@@ -293,6 +330,19 @@ def test_phone_navigation_checks(synthetic):
     assert "2 search fields" in problems and "top bar" in problems, problems
     problems = harness.overflow_problems(broken)
     assert problems and "scrolls sideways" in problems[0] and "hook_z" in problems[0], problems
+
+
+def test_figure_layout_checks(synthetic):
+    """The course's figures pass at 390 and 1366 px; plotly's defaults on a phone fail each check."""
+    for viewport in (harness.PHONE_VIEWPORT, harness.VIEWPORT):
+        report = synthetic.navigation("figures_course", viewport)
+        assert len(report.figure_layout) == 3
+        assert harness.figure_layout_problems(report.figure_layout, "course", viewport["width"]) == []
+    crowded = synthetic.navigation("figures_crowded", harness.PHONE_VIEWPORT)
+    problems = " ".join(harness.figure_layout_problems(crowded.figure_layout, "crowded", harness.PHONE_VIEWPORT["width"]))
+    for defect in ("under the plotly toolbar", "cut off at the figure's edge", "heatmap values overlap",
+                   "in a font under 9 px", "of the figure's width"):
+        assert defect in problems, (defect, problems)
 
 
 def test_desktop_collapse_check(synthetic):

@@ -160,6 +160,20 @@ def test_no_horizontal_scrolling_on_a_phone(site, page):
     _assert_none(harness.overflow_problems(site.navigation(page, harness.PHONE_VIEWPORT)))
 
 
+@pytest.mark.parametrize("page", [p for p in PAGES if p not in OTHER_PAGES])
+def test_figures_legible_on_a_phone(site, page):
+    """At 390 px: titles clear of the toolbar, legends in the figure and off the plot, the plot at
+    least 60% of the figure's width, no heatmap values running into each other."""
+    report = site.navigation(page, harness.PHONE_VIEWPORT)
+    _assert_none(harness.figure_layout_problems(report.figure_layout, page, harness.PHONE_VIEWPORT["width"]))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if p not in OTHER_PAGES])
+def test_figures_legible_on_a_desktop(site, page):
+    """The same at 1366 px (chapter 9's legend was cut off at the figure's right edge)."""
+    _assert_none(harness.figure_layout_problems(site.report(page).figure_layout, page, harness.VIEWPORT["width"]))
+
+
 @pytest.mark.parametrize("page", CHAPTERS + ["bibliography"])
 def test_phone_navigation_and_page_contents_open(site, page):
     """At 390 px the ☰ button shows the book's navigation and the contents button the page's sections."""

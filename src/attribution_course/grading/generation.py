@@ -253,8 +253,24 @@ def stored_outputs(nb) -> list[str]:
     return problems
 
 
+def spell_out_ratings(markdown: str) -> str:
+    """Difficulty and importance markers with their meaning in words, for screen readers.
+
+    "Difficulty: 🔴🔴⚪" reads aloud as "large red circle, large red circle, medium white
+    circle"; it becomes "Difficulty: 2 of 3 🔴🔴⚪" with the circles hidden from assistive
+    technology (``aria-hidden``). Text without markers is returned unchanged.
+    """
+    def spelled(match: re.Match, filled: str) -> str:
+        word, circles = match.group(0).split(":")[0], match.group(1)
+        return f'{word}: {circles.count(filled)} of {len(circles)} <span aria-hidden="true">{circles}</span>'
+
+    markdown = _DIFFICULTY.sub(lambda m: spelled(m, "🔴"), markdown)
+    return _IMPORTANCE.sub(lambda m: spelled(m, "🔵"), markdown)
+
+
 def make_appendix_notebook(solution: nbformat.NotebookNode, stem: str) -> nbformat.NotebookNode:
-    """The solution as a book page: a 'Solutions' title, a note, solution code folded."""
+    """The solution as a book page: a 'Solutions' title, a link back to its chapter, a note,
+    difficulty and importance in words (:func:`spell_out_ratings`), solution code folded."""
     nb = copy.deepcopy(solution)
     first = nb.cells[0]
     lines = first.source.split("\n")
@@ -267,8 +283,11 @@ def make_appendix_notebook(solution: nbformat.NotebookNode, stem: str) -> nbform
         f"{stem}.ipynb`, and `make test` re-runs that notebook with nbval to prove they are current. "
         "Try the exercises before you unfold an answer."
     )
-    first.source = "\n".join([title, "", "```{note}", note, "```", *lines[1:]])
+    back = f"These exercises belong to the chapter {{doc}}`/{stem}`: read it first."
+    first.source = "\n".join([title, "", back, "", "```{note}", note, "```", *lines[1:]])
     for cell in nb.cells:
+        if cell.cell_type == "markdown":
+            cell.source = spell_out_ratings(cell.source)
         if cell.cell_type == "code" and BEGIN_SOLUTION in cell.source:
             tags = cell.metadata.setdefault("tags", [])
             tags.append("hide-input")
