@@ -80,8 +80,10 @@ def test_linearising_an_mlp_leaves_atp_alone_and_is_exact_for_a_tiny_step(model,
 
 def test_bad_freezes_are_refused(model, prompts, metric, noising):
     clean = prompts.clean_tokens
-    with pytest.raises(ValueError, match="hook of family 'head'"):
-        diagnosis.frozen_exact_sweep(model, clean, metric, noising, "head", Freeze(("blocks.1.attn.hook_z",)))
+    own = Freeze(("blocks.1.attn.hook_z",))
+    for sweep in (diagnosis.frozen_exact_sweep, diagnosis.frozen_attribution_sweep):
+        result = sweep(model, clean, metric, noising, "head", own)
+        assert result[1].isnan().all() and not result[[0, 2, 3]].isnan().any(), "a frozen patch is no patch"
     with pytest.raises(ValueError, match="do not exist"):
         diagnosis.frozen_attribution_sweep(model, clean, metric, noising, "head", Freeze(("blocks.9.hook_mlp_out",)))
     with pytest.raises(ValueError, match="linearised_mlps"):

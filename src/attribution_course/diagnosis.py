@@ -30,8 +30,8 @@ sees that MLP as linear, while AtP (which already linearises it) is unchanged.
 
 Components are those of :data:`patching.FAMILIES` or of
 :data:`attention_attribution.QKV_FAMILIES`; ``frozen`` is a list of hook names
-(helpers below name the usual ones). A frozen hook must not be the family's
-own hook (the patch would be overwritten).
+(helpers below name the usual ones). Components whose own hook is frozen
+(their patch would be overwritten) are left NaN by both sweeps.
 """
 
 from __future__ import annotations
@@ -49,14 +49,15 @@ from .patching import (
     Metric,
     Tokens,
     _components,
+    _gradient_tap,
     attribution_estimate,
     cache_activations,
-    cache_activations_and_gradients,
     check_replacements,
     check_tokens,
     component_index,
     effect_shape,
     hook_names,
+    parameters_frozen,
 )
 
 # ---------------------------------------------------------------- which hooks to freeze
@@ -98,16 +99,10 @@ class Freeze:
     linearised_mlps: tuple[int, ...] = ()
 
 
-def _check_freeze(model, family: Family, freeze: Freeze) -> None:
-    own = set(hook_names(model, family))
+def _check_freeze(model, freeze: Freeze) -> None:
     unknown = [name for name in freeze.frozen if name not in model.hook_dict]
     if unknown:
         raise ValueError(f"frozen hooks {unknown} do not exist in the model; see diagnosis.layernorm_scale_hooks etc.")
-    clash = own.intersection(freeze.frozen)
-    if clash:
-        raise ValueError(
-            f"cannot freeze {sorted(clash)}: it is the hook of family {family.name!r}, where the patch is made"
-        )
     bad_layers = [l for l in freeze.linearised_mlps if not 0 <= l < model.cfg.n_layers]
     if bad_layers:
         raise ValueError(f"linearised_mlps must be layers in 0..{model.cfg.n_layers - 1}, got {bad_layers}")
@@ -165,10 +160,12 @@ def frozen_exact_sweep(
     fam = resolve_family(family)
     check_tokens(base_tokens, "base_tokens")
     check_replacements(model, replacements, fam, base_tokens)
-    _check_freeze(model, fam, freeze)
+    _check_freeze(model, freeze)
     hooks = _freeze_hooks(model, base_tokens, freeze)
     if components is None:
         components = [tuple(c) for c in _components(model, fam, base_tokens.shape[1], None).tolist()]
+    # a component whose own hook is frozen would have its patch overwritten: left NaN
+    components = [c for c in components if fam.hook_name(c[0]) not in freeze.frozen]
     effects = torch.full(effect_shape(model, fam, base_tokens.shape[1]), float("nan"))
     with torch.no_grad():
         base_value = metric(model.run_with_hooks(base_tokens, fwd_hooks=hooks)).item()
@@ -204,14 +201,27 @@ def frozen_attribution_sweep(
     fam = resolve_family(family)
     check_tokens(base_tokens, "base_tokens")
     check_replacements(model, replacements, fam, base_tokens)
-    _check_freeze(model, fam, freeze)
+    _check_freeze(model, freeze)
 
     def cut(tensor, hook):
         return tensor.detach()
 
-    with model.hooks(fwd_hooks=[(name, cut) for name in freeze.frozen]):
-        _, activations, gradients = cache_activations_and_gradients(model, base_tokens, metric, hook_names(model, fam))
-    return attribution_estimate(activations, gradients, replacements, fam)
+    names = hook_names(model, fam)
+    activations: Activations = {}
+    gradients: Activations = {}
+    taps = [(name, _gradient_tap(activations, gradients, name)) for name in names]
+    # cuts first: a tap on a frozen hook must sit after the cut (it then starts a fresh leaf there)
+    with parameters_frozen(model), torch.enable_grad():
+        value = metric(model.run_with_hooks(base_tokens, fwd_hooks=[(n, cut) for n in freeze.frozen] + taps))
+        if value.requires_grad:
+            value.backward()
+    for name in names:  # a component every path of which is frozen has no gradient: its estimate is 0
+        gradients.setdefault(name, torch.zeros_like(activations[name]))
+    estimate = attribution_estimate(activations, gradients, replacements, fam)
+    for layer, name in enumerate(hook_names(model, fam)):
+        if name in freeze.frozen:
+            estimate[layer] = float("nan")  # as in frozen_exact_sweep: the patch itself would be frozen
+    return estimate
 
 
 @dataclass
