@@ -234,12 +234,7 @@ def test_exercise_ratings_are_words_not_only_emoji(stem):
     assert not text_problems, "\n".join(text_problems)
 
 
-# Chapter 8 is being rewritten on its own branch, with its box; until that lands it has none.
-CHAPTER_8_PENDING = pytest.mark.xfail(reason="chapter 8's Check yourself comes with its rewrite (another branch)")
-
-
-@pytest.mark.parametrize("chapter", [pytest.param(c, marks=CHAPTER_8_PENDING) if c.startswith("08_") else c
-                                     for c in CHAPTERS[1:8]])
+@pytest.mark.parametrize("chapter", CHAPTERS[1:8])
 def test_chapters_2_to_8_have_a_check_yourself_box(chapter):
     boxes = [b for b in soup(HTML / f"{chapter}.html").select("div.admonition") if "Check yourself" in b.get_text()]
     assert boxes, f"{chapter}: no 'Check yourself' box"
