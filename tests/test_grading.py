@@ -47,6 +47,33 @@ MUTATIONS = {
     ),  # off-by-one step
 }
 
+# Mistakes the notebook's own input does not show (chapters 3-8), and stated requirements broken:
+# (exercise, text in its solution, replacement, words expected in the feedback); one notebook per chapter.
+HIDDEN_MUTATIONS = {
+    "03_exact_ablation": [(
+        "3.3", "expand(batch_size, -1, -1, -1)", "expand(len(prompts), -1, -1, -1)", "hidden input",
+    )],  # the notebook's batch size instead of the argument
+    "04_activation_patching": [(
+        "4.4", "effects.abs().flatten().argsort", "effects.flatten().argsort", "hidden input",
+    )],  # abs() missing: the notebook's largest effects are all positive
+    "05_first_order_approximation": [
+        ("5.1", "cache[name] = activation.detach()", "cache[name] = activation", "keeps the model's computation graph"),
+        ("5.1", "with torch.no_grad():", "if True:", "keeps the model's computation graph"),  # no detach, no no_grad
+        ("5.2", "    model.zero_grad(set_to_none=True)\n", "", "model.zero_grad(set_to_none=True)"),  # gradients kept
+        ("5.3", "* base_grads[n]).sum(dim=(0, 1, 3))", "* z_grads[n]).sum(dim=(0, 1, 3))", "hidden input"),  # a global gradient
+    ],
+    "06_getting_the_sign_right": [(
+        "6.2", "keep = exact.abs() > min_abs_effect", "keep = exact.abs() > threshold", "hidden input",
+    )],  # the notebook's threshold instead of the argument
+    "07_mean_ablation_and_baselines": [(
+        "7.1", "act.mean(dim=0, keepdim=True).expand(batch_size, *act.shape[1:])",
+        "act.mean(dim=0, keepdim=True).expand(len(prompts), *act.shape[1:])", "hidden input",
+    )],  # the notebook's batch size instead of the argument
+    "08_when_the_approximation_fails": [(
+        "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 0.5) / 8", "hidden input",
+    )],  # the notebook's number of steps
+}
+
 
 # ---------------------------------------------------------------- building submissions
 
@@ -101,6 +128,16 @@ def mutated(stem: str) -> nbformat.NotebookNode:
     return nb
 
 
+def hidden_mutated(stem: str) -> nbformat.NotebookNode:
+    """The filled notebook with every mistake of ``HIDDEN_MUTATIONS[stem]``."""
+    nb = filled(stem)
+    for target, old, new, _ in HIDDEN_MUTATIONS[stem]:
+        index = exercise_cells(stem)[target]
+        assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
+        nb.cells[index].source = nb.cells[index].source.replace(old, new)
+    return nb
+
+
 def write(nb: nbformat.NotebookNode, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(path))
@@ -149,6 +186,8 @@ def coverage_batch(tmp_path_factory):
         (folder / "generated" / f"{stem}.ipynb").write_bytes(ex.exercise_path(stem).read_bytes())
         write(filled(stem), folder / "filled" / f"{stem}.ipynb")
         write(mutated(stem), folder / "mutated" / f"{stem}.ipynb")
+        if stem in HIDDEN_MUTATIONS:
+            write(hidden_mutated(stem), folder / "hidden" / f"{stem}.ipynb")
     before = digests(folder)
     out = tmp_path_factory.mktemp("grades")
     start = time.monotonic()
@@ -183,6 +222,20 @@ def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
         assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
         assert words in by_exercise[target].detail, gradebook.scorecard(result)
         others = {k: v.verdict for k, v in by_exercise.items() if k != target}
+        assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
+
+
+def test_hidden_inputs_and_requirements_fail_what_the_notebook_input_passes(coverage_batch):
+    """Every mistake of HIDDEN_MUTATIONS passes the notebook's own input (the detail names the hidden
+    input or the requirement, which are only tried once the visible values are right); nothing else fails."""
+    results, *_ = coverage_batch
+    for stem, mutations in HIDDEN_MUTATIONS.items():
+        result = results[f"hidden/{stem}.ipynb"]
+        by_exercise = {e.exercise: e for e in result.exercises}
+        for target, _, _, words in mutations:
+            assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
+            assert words in by_exercise[target].detail, gradebook.scorecard(result)
+        others = {k: v.verdict for k, v in by_exercise.items() if k not in {m[0] for m in mutations}}
         assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
 
 
