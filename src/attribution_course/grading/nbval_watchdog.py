@@ -10,10 +10,14 @@ kernel noticed at once.
   and raises :class:`KernelDied` as soon as the kernel is no longer alive.
 * nbval gives an interrupted kernel 5 s (wall clock) to answer before it stops it, which a
   loaded machine can exceed; here it is ``ATTRIBUTION_COURSE_OUTPUT_TIMEOUT`` (default 30 s).
+* with ``ATTRIBUTION_COURSE_CPU_LOG`` set, the CPU seconds each cell took are written there
+  (a JSON list, in cell order) when the session ends: the grader scales the learner's cell
+  limit to the reference run's heaviest cell.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from queue import Empty
@@ -21,6 +25,8 @@ from queue import Empty
 KERNEL_DIED = "KERNEL DIED while running this cell"
 WALL_FACTOR = float(os.environ.get("ATTRIBUTION_COURSE_WALL_FACTOR", "10"))
 OUTPUT_TIMEOUT = float(os.environ.get("ATTRIBUTION_COURSE_OUTPUT_TIMEOUT", "30"))
+CPU_LOG_ENV = "ATTRIBUTION_COURSE_CPU_LOG"
+_cell_cpu_seconds: list[float] = []  # one entry per cell that answered, in order
 
 
 class KernelDied(RuntimeError):
@@ -54,7 +60,11 @@ def pytest_configure(config) -> None:
         start, cpu_start = time.monotonic(), kernel_cpu_seconds(self)
         while True:
             try:
-                return original(self, msg_id, timeout=1.0)
+                original(self, msg_id, timeout=1.0)
+                cpu_now = kernel_cpu_seconds(self)
+                used = time.monotonic() - start if cpu_start is None or cpu_now is None else cpu_now - cpu_start
+                _cell_cpu_seconds.append(round(used, 3))
+                return
             except Empty:
                 if not self.is_alive():
                     raise KernelDied(KERNEL_DIED) from None
@@ -76,3 +86,10 @@ def pytest_configure(config) -> None:
         self.output_timeout = OUTPUT_TIMEOUT
 
     IPyNbCell.__init__ = init
+
+
+def pytest_unconfigure(config) -> None:
+    path = os.environ.get(CPU_LOG_ENV)
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_cell_cpu_seconds, f)
