@@ -22,6 +22,7 @@ import pytest
 
 from attribution_course.grading import generation as ex
 from attribution_course.grading import gradebook, grader, notebooks, verdicts
+from attribution_course.grading.synthetic import exercise_cells, filled, learner_notebook, solution_bodies  # noqa: F401 (also for test_grading_hostile)
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
@@ -76,47 +77,6 @@ HIDDEN_MUTATIONS = {
 
 
 # ---------------------------------------------------------------- building submissions
-
-
-def solution_bodies(stem: str) -> dict[int, list[str]]:
-    """The lines between the solution markers, by cell index."""
-    solution = ex.read_notebook(ex.solution_path(stem))
-    bodies = {}
-    for index, cell in enumerate(solution.cells):
-        if cell.cell_type == "code" and ex.BEGIN_SOLUTION in cell.source:
-            begin, end, _ = ex._solution_region(cell.source, f"{stem} cell {index}")
-            bodies[index] = cell.source.split("\n")[begin + 1 : end]
-    return bodies
-
-
-def exercise_cells(stem: str) -> dict[str, int]:
-    """Exercise id -> index of its solution cell (the same index in both notebooks)."""
-    solution = ex.read_notebook(ex.solution_path(stem))
-    return {e.id: e.solution_cell for e in ex.parse_exercises(solution, stem)}
-
-
-def learner_notebook(stem: str, answers: dict[str, list[str] | None]) -> nbformat.NotebookNode:
-    """The generated exercises notebook with the stub of each exercise in ``answers``
-    replaced by the given lines (``None``: the solution's own lines)."""
-    nb = ex.read_notebook(ex.exercise_path(stem))
-    bodies, cells = solution_bodies(stem), exercise_cells(stem)
-    for ex_id, lines in answers.items():
-        index = cells[ex_id]
-        source = nb.cells[index].source.split("\n")
-        stub_lines = [i for i, line in enumerate(source) if line.strip() == ex.STUB]
-        assert len(stub_lines) == 1, f"{stem} exercise {ex_id}: expected one stub line"
-        stub = stub_lines[0]
-        indent = source[stub][: len(source[stub]) - len(source[stub].lstrip())]
-        if lines is None:
-            new = bodies[index]
-        else:
-            new = [indent + line for line in lines]
-        nb.cells[index].source = "\n".join(source[:stub] + new + source[stub + 1 :])
-    return nb
-
-
-def filled(stem: str) -> nbformat.NotebookNode:
-    return learner_notebook(stem, {e: None for e in exercise_cells(stem)})
 
 
 def mutated(stem: str) -> nbformat.NotebookNode:

@@ -278,13 +278,14 @@ def grade_batch(
     sandboxed: bool = True,
     progress: bool = True,
     audit: bool = False,
+    references: ReferenceRuns | None = None,
 ) -> list[NotebookResult]:
     """Grade every notebook under ``folder`` in parallel; write the CSV, its totals and feedback files."""
     if sandboxed:
         sandbox.check_available()
     submissions = find_submissions(folder)
     workers = workers or max(1, min(len(submissions), 2))
-    references = ReferenceRuns(solutions_dir, sandboxed=sandboxed)
+    references = references or ReferenceRuns(solutions_dir, sandboxed=sandboxed)
     results: dict[Path, NotebookResult] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
