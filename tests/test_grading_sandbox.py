@@ -364,4 +364,5 @@ def test_the_stopping_cell_is_found_from_nbval_reports():
     assert grader._stopping_cell(hung, graded, {})[0] == 2
     killed = Outcome({}, timed_out=True)
     assert grader._stopping_cell(killed, graded, {"2.1": {}}) == (4, {3})
+    assert grader._stopping_cell(killed, graded, {}) == (2, {1})  # the setup cell (0) is never left out
     assert grader._stopping_cell(Outcome({0: ("passed", ""), 2: ("passed", "")}), graded, {}) == (None, set())

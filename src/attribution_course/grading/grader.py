@@ -221,7 +221,7 @@ def _stopping_cell(outcome, graded: dict[int, str], records: dict) -> tuple[int 
     if outcome.timed_out:  # killed from outside: no report; the first graded cell without a result stopped it
         for number, exercise in sorted(graded.items()):
             if exercise not in records:
-                before = max((n for n in graded if n < number), default=-1)
+                before = max((n for n in graded if n < number), default=0)  # cell 0, the setup, always stays
                 return number, set(range(before + 1, number))
     return None, set()
 
