@@ -27,7 +27,7 @@ import nbformat
 
 from . import generation as ex
 from .gradebook import S_GRADED
-from .grader import ReferenceRuns, grade_batch
+from .grader import DEFAULT_CELL_TIMEOUT, ReferenceRuns, grade_batch
 from .synthetic import exercise_cells, filled, learner_notebook
 
 KINDS = ("correct", "half", "one_wrong", "cheat", "untouched")
@@ -87,6 +87,9 @@ def measure(learners: int, out: Path, workers: int = 2) -> dict:
         "by_kind": {kind: sum(r.points for r in results if f"-{kind}/" in r.submission.replace(os.sep, "/"))
                     for kind in KINDS},
         "extrapolated_class_hours": round((reference_seconds + CLASS_SIZE * 7 * per_notebook) / 3600, 2),
+        # what the learners' runs were allowed: CPU seconds per cell, wall-clock seconds per notebook run
+        "cell_limits": {stem: references.cell_limit(stem, DEFAULT_CELL_TIMEOUT) for stem in ex.NOTEBOOK_STEMS},
+        "notebook_timeouts": {stem: round(references.notebook_timeout(stem, None)) for stem in ex.NOTEBOOK_STEMS},
     }
     (out / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "scale.md").write_text(markdown(report))
