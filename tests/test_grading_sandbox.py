@@ -366,3 +366,20 @@ def test_the_stopping_cell_is_found_from_nbval_reports():
     assert grader._stopping_cell(killed, graded, {"2.1": {}}) == (4, {3})
     assert grader._stopping_cell(killed, graded, {}) == (2, {1})  # the setup cell (0) is never left out
     assert grader._stopping_cell(Outcome({0: ("passed", ""), 2: ("passed", "")}), graded, {}) == (None, set())
+
+
+def test_watchdog_logs_each_cells_cpu_time(tmp_path):
+    """The reference run's per-cell CPU times scale the learner's cell limit: one entry per cell, in order."""
+    from attribution_course.grading.nbval_watchdog import CPU_LOG_ENV
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass")]
+    nbformat.write(nb, str(tmp_path / "n.ipynb"))
+    env = dict(os.environ, **{CPU_LOG_ENV: str(tmp_path / "cpu.json")})
+    run = subprocess.run([sys.executable, "-m", "pytest", "n.ipynb", "--nbval-lax", "-p", "attribution_course.grading.nbval_watchdog",
+                          "-q", "-c", os.devnull, "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+    first, second = json.loads((tmp_path / "cpu.json").read_text())
+    assert first < 0.5 and 1.4 <= second < 5

@@ -26,7 +26,7 @@ KERNEL_DIED = "KERNEL DIED while running this cell"
 WALL_FACTOR = float(os.environ.get("ATTRIBUTION_COURSE_WALL_FACTOR", "10"))
 OUTPUT_TIMEOUT = float(os.environ.get("ATTRIBUTION_COURSE_OUTPUT_TIMEOUT", "30"))
 CPU_LOG_ENV = "ATTRIBUTION_COURSE_CPU_LOG"
-_cell_cpu_seconds: list[float] = []  # one entry per cell that answered, in order
+_cell_cpu_seconds: list[float] = []  # one entry per cell run, in order
 
 
 class KernelDied(RuntimeError):
@@ -60,11 +60,7 @@ def pytest_configure(config) -> None:
         start, cpu_start = time.monotonic(), kernel_cpu_seconds(self)
         while True:
             try:
-                original(self, msg_id, timeout=1.0)
-                cpu_now = kernel_cpu_seconds(self)
-                used = time.monotonic() - start if cpu_start is None or cpu_now is None else cpu_now - cpu_start
-                _cell_cpu_seconds.append(round(used, 3))
-                return
+                return original(self, msg_id, timeout=1.0)
             except Empty:
                 if not self.is_alive():
                     raise KernelDied(KERNEL_DIED) from None
@@ -86,6 +82,19 @@ def pytest_configure(config) -> None:
         self.output_timeout = OUTPUT_TIMEOUT
 
     IPyNbCell.__init__ = init
+
+    original_runtest = IPyNbCell.runtest
+
+    def runtest(self):
+        """Run the cell, noting its CPU time (one entry per cell, in order; 0 if unknown)."""
+        before = kernel_cpu_seconds(self.parent.kernel)
+        try:
+            return original_runtest(self)
+        finally:
+            after = kernel_cpu_seconds(self.parent.kernel)
+            _cell_cpu_seconds.append(round(after - before, 3) if before is not None and after is not None else 0.0)
+
+    IPyNbCell.runtest = runtest
 
 
 def pytest_unconfigure(config) -> None:

@@ -36,7 +36,7 @@ class RunOutcome:
     timed_out: bool
     returncode: int | None
     output: str  # the tail of pytest's output
-    cell_cpu_seconds: list[float]  # CPU seconds of each cell that answered, in order (as the run reported them)
+    cell_cpu_seconds: list[float]  # CPU seconds of each cell run, in order (as the run reported them)
 
 
 def run_nbval(
@@ -169,7 +169,7 @@ def _read_cpu_log(path: Path) -> list[float]:
             return []
     if not isinstance(values, list):
         return []
-    return [float(v) for v in values if type(v) in (int, float) and math.isfinite(v) and v >= 0]
+    return [float(v) if type(v) in (int, float) and math.isfinite(v) and v >= 0 else 0.0 for v in values]
 
 
 def _read_records(folder: Path) -> dict[str, object]:
