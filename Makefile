@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv book test lock train search-log bench grade exercises lab browser-test clean
+.PHONY: venv book test lock train search-log bench grade grade-scale exercises lab browser-test clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,14 @@ grade: $(STAMP)
 	bash .ci/install-bubblewrap
 	@test -n "$(NB)$(BATCH)" || { echo "usage: make grade NB=path/to/notebook.ipynb  or  make grade BATCH=folder [CSV=grades.csv]"; exit 2; }
 	$(BIN)/python -m attribution_course.grade $(if $(BATCH),--batch "$(BATCH)" --csv "$(or $(CSV),grades.csv)","$(NB)")
+
+# Grading at scale: LEARNERS learners x 7 generated notebooks (correct, partial, wrong, cheats, untouched),
+# graded as one batch; writes scale-output/scale.md and scale.json (times, throughput, load average,
+# the extrapolation to 200 x 7).
+LEARNERS ?= 5
+grade-scale: $(STAMP)
+	bash .ci/install-bubblewrap
+	$(BIN)/python -m attribution_course.grading.scale --learners $(LEARNERS) --out scale-output
 
 # ---- performance (issue 5)
 # Benchmark (every method 5 times after a warm-up, 8-256 prompts: expect well over ten minutes):

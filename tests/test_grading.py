@@ -22,6 +22,7 @@ import pytest
 
 from attribution_course.grading import generation as ex
 from attribution_course.grading import gradebook, grader, notebooks, verdicts
+from attribution_course.grading.synthetic import exercise_cells, filled, learner_notebook, solution_bodies  # noqa: F401 (also for test_grading_hostile)
 
 pytestmark = pytest.mark.slow
 PYTHON = sys.executable
@@ -47,49 +48,41 @@ MUTATIONS = {
     ),  # off-by-one step
 }
 
+# Mistakes the notebook's own input does not show (chapters 3-8), and stated requirements broken:
+# (exercise, text in its solution, replacement, words expected in the feedback); one notebook per chapter.
+HIDDEN_MUTATIONS = {
+    "03_exact_ablation": [(
+        "3.3", "expand(batch_size, -1, -1, -1)", "expand(len(prompts), -1, -1, -1)", "hidden input",
+    )],  # the notebook's batch size instead of the argument
+    "04_activation_patching": [
+        ("4.4", "effects.abs().flatten().argsort", "effects.flatten().argsort", "hidden input"),
+        # abs() missing: the notebook's largest effects are all positive
+        ("4.5", "base = patching.cache_activations(model, base_tokens, names)",
+         "base = patching.cache_activations(model, clean, names)", "hidden input"),  # the notebook's prompts
+    ],
+    "05_first_order_approximation": [
+        ("5.1", "cache[name] = activation.detach()", "cache[name] = activation", "keeps the model's computation graph"),
+        ("5.1", "with torch.no_grad():", "if True:", "keeps the model's computation graph"),  # no detach, no no_grad
+        ("5.2", "    model.zero_grad(set_to_none=True)\n", "", "model.zero_grad(set_to_none=True)"),  # gradients kept
+        ("5.3", "* base_grads[n]).sum(dim=(0, 1, 3))", "* z_grads[n]).sum(dim=(0, 1, 3))", "hidden input"),  # a global gradient
+    ],
+    "06_getting_the_sign_right": [
+        ("6.2", "keep = exact.abs() > min_abs_effect", "keep = exact.abs() > threshold", "hidden input"),
+        # the notebook's threshold instead of the argument
+        ("6.5", "point = (1 - (k + 0.5) / steps) * a", "point = (1 - (k + 0.5) / 8) * a", "hidden input"),
+        # the notebook's number of steps
+    ],
+    "07_mean_ablation_and_baselines": [(
+        "7.1", "act.mean(dim=0, keepdim=True).expand(batch_size, *act.shape[1:])",
+        "act.mean(dim=0, keepdim=True).expand(len(prompts), *act.shape[1:])", "hidden input",
+    )],  # the notebook's batch size instead of the argument
+    "08_when_the_approximation_fails": [(
+        "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 0.5) / 8", "hidden input",
+    )],  # the notebook's number of steps
+}
+
 
 # ---------------------------------------------------------------- building submissions
-
-
-def solution_bodies(stem: str) -> dict[int, list[str]]:
-    """The lines between the solution markers, by cell index."""
-    solution = ex.read_notebook(ex.solution_path(stem))
-    bodies = {}
-    for index, cell in enumerate(solution.cells):
-        if cell.cell_type == "code" and ex.BEGIN_SOLUTION in cell.source:
-            begin, end, _ = ex._solution_region(cell.source, f"{stem} cell {index}")
-            bodies[index] = cell.source.split("\n")[begin + 1 : end]
-    return bodies
-
-
-def exercise_cells(stem: str) -> dict[str, int]:
-    """Exercise id -> index of its solution cell (the same index in both notebooks)."""
-    solution = ex.read_notebook(ex.solution_path(stem))
-    return {e.id: e.solution_cell for e in ex.parse_exercises(solution, stem)}
-
-
-def learner_notebook(stem: str, answers: dict[str, list[str] | None]) -> nbformat.NotebookNode:
-    """The generated exercises notebook with the stub of each exercise in ``answers``
-    replaced by the given lines (``None``: the solution's own lines)."""
-    nb = ex.read_notebook(ex.exercise_path(stem))
-    bodies, cells = solution_bodies(stem), exercise_cells(stem)
-    for ex_id, lines in answers.items():
-        index = cells[ex_id]
-        source = nb.cells[index].source.split("\n")
-        stub_lines = [i for i, line in enumerate(source) if line.strip() == ex.STUB]
-        assert len(stub_lines) == 1, f"{stem} exercise {ex_id}: expected one stub line"
-        stub = stub_lines[0]
-        indent = source[stub][: len(source[stub]) - len(source[stub].lstrip())]
-        if lines is None:
-            new = bodies[index]
-        else:
-            new = [indent + line for line in lines]
-        nb.cells[index].source = "\n".join(source[:stub] + new + source[stub + 1 :])
-    return nb
-
-
-def filled(stem: str) -> nbformat.NotebookNode:
-    return learner_notebook(stem, {e: None for e in exercise_cells(stem)})
 
 
 def mutated(stem: str) -> nbformat.NotebookNode:
@@ -98,6 +91,16 @@ def mutated(stem: str) -> nbformat.NotebookNode:
     index = exercise_cells(stem)[target]
     assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
     nb.cells[index].source = nb.cells[index].source.replace(old, new)
+    return nb
+
+
+def hidden_mutated(stem: str) -> nbformat.NotebookNode:
+    """The filled notebook with every mistake of ``HIDDEN_MUTATIONS[stem]``."""
+    nb = filled(stem)
+    for target, old, new, _ in HIDDEN_MUTATIONS[stem]:
+        index = exercise_cells(stem)[target]
+        assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
+        nb.cells[index].source = nb.cells[index].source.replace(old, new)
     return nb
 
 
@@ -149,6 +152,8 @@ def coverage_batch(tmp_path_factory):
         (folder / "generated" / f"{stem}.ipynb").write_bytes(ex.exercise_path(stem).read_bytes())
         write(filled(stem), folder / "filled" / f"{stem}.ipynb")
         write(mutated(stem), folder / "mutated" / f"{stem}.ipynb")
+        if stem in HIDDEN_MUTATIONS:
+            write(hidden_mutated(stem), folder / "hidden" / f"{stem}.ipynb")
     before = digests(folder)
     out = tmp_path_factory.mktemp("grades")
     start = time.monotonic()
@@ -186,6 +191,20 @@ def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
         assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
 
 
+def test_hidden_inputs_and_requirements_fail_what_the_notebook_input_passes(coverage_batch):
+    """Every mistake of HIDDEN_MUTATIONS passes the notebook's own input (the detail names the hidden
+    input or the requirement, which are only tried once the visible values are right); nothing else fails."""
+    results, *_ = coverage_batch
+    for stem, mutations in HIDDEN_MUTATIONS.items():
+        result = results[f"hidden/{stem}.ipynb"]
+        by_exercise = {e.exercise: e for e in result.exercises}
+        for target, _, _, words in mutations:
+            assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
+            assert words in by_exercise[target].detail, gradebook.scorecard(result)
+        others = {k: v.verdict for k, v in by_exercise.items() if k not in {m[0] for m in mutations}}
+        assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
+
+
 def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
     results, before, after, out = coverage_batch
     assert before == after
@@ -203,6 +222,9 @@ def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
 LOOP = ["while True:", "    pass"]  # spends CPU time: stopped by the CPU-time cell limit
 SLEEPING_LOOP = ["import time", "while True:", "    time.sleep(0.2)"]  # stopped by the wall-clock fallback
 UNINTERRUPTIBLE_LOOP = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", *SLEEPING_LOOP]
+# correct but slow: 2 s of CPU time per call (three calls per graded cell with the hidden inputs), well
+# under the 15 s CPU limit however long a loaded machine makes them take on the wall clock
+SLOW = ["import time", "start = time.process_time()", "while time.process_time() - start < 2:", "    pass"]
 
 
 
@@ -219,23 +241,32 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     # dave's loop spins (stopped after 15 s of CPU time); erin's sleeps and ignores interrupts
     write(learner_notebook(stem, {ids[0]: None, ids[1]: LOOP, ids[2]: None, ids[3]: None}),
           folder / "dave" / f"{stem}.ipynb")  # an infinite loop that an interrupt stops
-    write(learner_notebook(stem, {ids[0]: UNINTERRUPTIBLE_LOOP}),
+    write(learner_notebook(stem, {ids[0]: UNINTERRUPTIBLE_LOOP, ids[1]: None}),
           folder / "erin" / f"{stem}.ipynb")  # an infinite loop that ignores interrupts: the kernel must be stopped
-    write(learner_notebook(stem, {ids[0]: None, ids[1]: ["import os", "os._exit(1)"]}),
+    write(learner_notebook(stem, {ids[0]: None, ids[1]: ["import os", "os._exit(1)"], ids[2]: None}),
           folder / "frank" / f"{stem}.ipynb")  # crashes the kernel
+    body = solution_bodies(stem)[exercise_cells(stem)[ids[0]]]
+    write(learner_notebook(stem, {ids[0]: SLOW + [line.strip() for line in body], ids[1]: None, ids[2]: None, ids[3]: None}),
+          folder / "henry" / f"{stem}.ipynb")  # correct, slow, on a machine that two CPU burners load
     stranger = nbformat.v4.new_notebook()
     stranger.cells = [nbformat.v4.new_code_cell("print('my own notes')")]
     write(stranger, folder / "gina" / "notes.ipynb")  # not one of the course's notebooks
     before = digests(folder)
     csv_path = tmp_path / "out" / "grades.csv"
-    bound = 900  # generous: this must pass on a loaded machine; a hang would exceed it
-    start = time.monotonic()
-    run = subprocess.run(
-        [PYTHON, "-m", "attribution_course.grade", "--batch", str(folder), "--csv", str(csv_path),
-         "--timeout", "300", "--cell-timeout", "15", "--workers", "2"],
-        env=ENV, capture_output=True, text=True, timeout=bound + 60,
-    )
-    seconds = time.monotonic() - start
+    bound = 1500  # generous: this must pass on a loaded machine; a hang would exceed it
+    burners = [subprocess.Popen([PYTHON, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        start = time.monotonic()
+        run = subprocess.run(
+            [PYTHON, "-m", "attribution_course.grade", "--batch", str(folder), "--csv", str(csv_path),
+             "--timeout", "300", "--cell-timeout", "15", "--workers", "2"],
+            env=ENV, capture_output=True, text=True, timeout=bound + 60,
+        )
+        seconds = time.monotonic() - start
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
     assert run.returncode == 0, run.stdout + run.stderr
     assert seconds < bound, f"batch took {seconds:.0f} s"
     assert digests(folder) == before
@@ -251,8 +282,13 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     assert [rows[(sub("dave"), i)]["verdict"] for i in ids] == ["passed", "wrong", "passed", "passed"]
     assert "infinite loop" in rows[(sub("dave"), ids[1])]["detail"]
     assert rows[(sub("erin"), "(notebook)")]["verdict"] == "timeout"
+    # the kernel was stopped (erin) or died (frank): the later exercises are graded in a fresh kernel
+    assert [rows[(sub("erin"), i)]["verdict"] for i in ids] == ["wrong", "passed", "not attempted", "not attempted"]
+    assert "ignored the interrupt" in rows[(sub("erin"), ids[0])]["detail"]
     assert rows[(sub("frank"), "(notebook)")]["verdict"] == "kernel crashed"
-    assert rows[(sub("frank"), ids[0])]["verdict"] == "passed"
+    assert [rows[(sub("frank"), i)]["verdict"] for i in ids] == ["passed", "wrong", "passed", "not attempted"]
+    assert "kernel died" in rows[(sub("frank"), ids[1])]["detail"]
+    assert [rows[(sub("henry"), i)]["verdict"] for i in ids] == ["passed"] * 4, rows[(sub("henry"), ids[0])]
     assert rows[("gina/notes.ipynb", "(notebook)")]["verdict"] == "unknown notebook"
     assert int(rows[(sub("alice"), ids[0])]["points"]) > 0 and rows[(sub("bob"), ids[2])]["points"] == "0"
     assert (csv_path.parent / "feedback" / f"bob__{stem}.txt").exists()

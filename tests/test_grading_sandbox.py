@@ -252,3 +252,134 @@ def test_hidden_inputs_tell_common_mistakes_apart(monkeypatch):
     assert end != logits.shape[1] - 1 and bool((io != s).all())  # the last position is not the answer
     monkeypatch.setenv(hidden.SEED_ENV, "8")
     assert not torch.equal(hidden.hidden_inputs("2.2")[0][0], logits)  # drawn anew for each grading run
+
+
+def test_hidden_inputs_of_every_chapter_are_drawn_anew_and_reproducibly():
+    """Chapters 3-8 too: the learner's and the reference run draw the same inputs from one seed,
+    another seed draws others (a constant answer cannot match both)."""
+    from attribution_course.grading import hidden
+
+    graded = {r.id for s in ex.NOTEBOOK_STEMS for r in notebooks.load_reference(s, ex.EXERCISES_DIR)}
+    assert graded == set(hidden.EXERCISES), graded ^ set(hidden.EXERCISES)
+
+    def flat(inputs):
+        out = []
+        for args in inputs:
+            for a in args:
+                out += list(a.values()) if isinstance(a, dict) else [a]
+        return [a for a in out if isinstance(a, torch.Tensor)]
+
+    for exercise in sorted(hidden.WITH_MODEL):
+        first, again, other = (flat(hidden.hidden_inputs(exercise, seed=s)) for s in (11, 11, 12))
+        assert first and all(torch.equal(a, b) for a, b in zip(first, again)), exercise
+        assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, other)), exercise
+
+
+def test_hidden_inputs_show_a_missing_abs_and_a_global_threshold():
+    from attribution_course.grading import hidden
+
+    for effects, k in hidden.hidden_inputs("4.4", seed=3):
+        top = effects.abs().flatten().argsort(descending=True)[:k]
+        assert (effects.flatten()[top[:3]] < 0).all()  # without abs() other entries come first
+    for exact, estimate, threshold in hidden.hidden_inputs("6.2", seed=3):
+        kept = exact.abs() > threshold
+        assert 0 < kept.sum() and (torch.sign(exact) != torch.sign(estimate))[kept].any()
+
+
+def test_stated_requirements_are_checked_and_explained(model):
+    from attribution_course.grading.checks import call_learner_function
+    from attribution_course.grading.requirements import check_requirements
+
+    tokens = model.to_tokens(["When Mary and John went to the store, John gave a drink to"])
+    names = ["blocks.0.hook_resid_pre"]
+
+    def cache_attached(model, tokens, names):
+        cache = {}
+        model.run_with_hooks(tokens, fwd_hooks=[(names[0], lambda a, hook: cache.__setitem__(names[0], a))])
+        return cache
+
+    def cache_detached(model, tokens, names):
+        with torch.no_grad():
+            return cache_attached(model, tokens, names)
+
+    def gradients(model, tokens, metric, names, clear=True):
+        grads = {}
+        with model.hooks(bwd_hooks=[(names[0], lambda g, hook: grads.__setitem__(names[0], g.detach()))]):
+            metric(model(tokens)).backward()
+        if clear:
+            model.zero_grad(set_to_none=True)
+        return grads
+
+    metric = lambda logits: logits[:, -1, 0].sum()  # noqa: E731
+    problems = lambda ex_id, f, args: check_requirements(ex_id, lambda: call_learner_function(f, args, {}), args)  # noqa: E731
+    assert problems("5.1", cache_detached, (model, tokens, names)) == []
+    assert "still require grad" in problems("5.1", cache_attached, (model, tokens, names))[0]
+    assert problems("5.2", gradients, (model, tokens, metric, names)) == []
+    kept = problems("5.2", lambda *a: gradients(*a, clear=False), (model, tokens, metric, names))
+    assert "zero_grad(set_to_none=True)" in kept[0]
+    accumulated = {}
+
+    def accumulating(model, tokens, metric, names):
+        for name, g in gradients(model, tokens, metric, names).items():
+            accumulated[name] = accumulated.get(name, 0) + g
+        return dict(accumulated)
+
+    assert "accumulated across calls" in problems("5.2", accumulating, (model, tokens, metric, names))[0]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_requirement_problems_fail_the_verdict_and_a_missing_check_too():
+    ref = notebooks.load_reference("05_first_order_approximation", ex.EXERCISES_DIR)[0]
+    expected = {"expected": 1.0, "hidden": [], "atol": 1e-6, "rtol": 0.0, "what": "cached activations"}
+    base = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": []}
+    assert verdicts.decide(ref, expected, {**base, "requirements": []}, None, 60).verdict == verdicts.V_PASSED
+    broken = verdicts.decide(ref, expected, {**base, "requirements": ["requirement not met: x"]}, None, 60)
+    assert broken.verdict == verdicts.V_WRONG and broken.detail == "requirement not met: x"
+    assert verdicts.decide(ref, expected, base, None, 60).verdict == verdicts.V_WRONG  # the recorder was replaced
+
+
+def test_a_restart_reruns_setup_and_definitions_but_not_the_stopping_cell_or_graded_exercises():
+    stem = "02_task_and_metric"
+    reference = notebooks.load_reference(stem, ex.EXERCISES_DIR)
+    copy, graded, _ = notebooks.prepare_learner_copy(ex.read_notebook(ex.exercise_path(stem)), reference)
+    number = {exercise: n for n, exercise in graded.items()}
+    stop = number["2.2"]
+    restarted, regraded = notebooks.restart_copy(copy, graded, stop, done={"2.1"})
+    assert sorted(regraded.values()) == ["2.3", "2.4"]
+    assert len(restarted.cells) == len(copy.cells)  # the graded cells that stopped or were graded keep what they define
+    submits = [c.source for c in restarted.cells if "_grader_submit(" in c.source]
+    assert len(submits) == 2 and all('"2.3"' in s or '"2.4"' in s or "'2.3'" in s or "'2.4'" in s for s in submits), submits
+    learner_cell = stop - 1  # the learner's definition cell before 2.2's graded cell
+    restarted, _ = notebooks.restart_copy(copy, graded, learner_cell, done={"2.1"})
+    assert len(restarted.cells) == len(copy.cells) - 1
+
+
+def test_the_stopping_cell_is_found_from_nbval_reports():
+    Outcome = lambda cells, timed_out=False: runner.RunOutcome(cells, {}, timed_out, 0, "", [])  # noqa: E731
+    graded = {2: "2.1", 4: "2.2", 6: "2.3"}
+    died = Outcome({0: ("passed", ""), 2: ("passed", ""), 4: ("failure", verdicts.DIED_HERE),
+                    5: ("failure", verdicts.DEAD_BEFORE), 6: ("failure", verdicts.DEAD_BEFORE)})
+    assert grader._stopping_cell(died, graded, {"2.1": {}}) == (4, set())
+    hung = Outcome({0: ("passed", ""), 2: ("failure", verdicts.NOT_INTERRUPTIBLE), 3: ("skipped", verdicts.EARLIER_HANG)})
+    assert grader._stopping_cell(hung, graded, {})[0] == 2
+    killed = Outcome({}, timed_out=True)
+    assert grader._stopping_cell(killed, graded, {"2.1": {}}) == (4, {3})
+    assert grader._stopping_cell(killed, graded, {}) == (2, {1})  # the setup cell (0) is never left out
+    assert grader._stopping_cell(Outcome({0: ("passed", ""), 2: ("passed", "")}), graded, {}) == (None, set())
+
+
+def test_watchdog_logs_each_cells_cpu_time(tmp_path):
+    """The reference run's per-cell CPU times scale the learner's cell limit: one entry per cell, in order."""
+    from attribution_course.grading.nbval_watchdog import CPU_LOG_ENV
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass")]
+    nbformat.write(nb, str(tmp_path / "n.ipynb"))
+    env = dict(os.environ, **{CPU_LOG_ENV: str(tmp_path / "cpu.json")})
+    run = subprocess.run([sys.executable, "-m", "pytest", "n.ipynb", "--nbval-lax", "-p", "attribution_course.grading.nbval_watchdog",
+                          "-q", "-c", os.devnull, "-p", "no:cacheprovider"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:]
+    first, second = json.loads((tmp_path / "cpu.json").read_text())
+    assert first < 0.5 and 1.4 <= second < 5

@@ -6,6 +6,10 @@
     the learner's ``check()`` and the recorders the grader puts in its copies.
 ``compare``
     comparison of a result with the reference, with explanations of wrong answers.
+``hidden``
+    the inputs every exercise is also run on, drawn at grading time.
+``requirements``
+    stated requirements besides the return value (5.1 no graph kept, 5.2 gradients cleared).
 ``notebooks``
     which course notebook a file is, and the copies the grader runs (learner and reference).
 ``sandbox``
@@ -18,4 +22,8 @@
     scorecards, the CSV gradebook and its totals.
 ``grader``
     grading one notebook or a folder; the command ``python -m attribution_course.grade``.
+``classroom``
+    the GitHub Classroom workflow and its per-exercise verdicts.
+``synthetic``, ``scale``
+    submissions built from the course's notebooks; the class-size measurement.
 """

@@ -40,6 +40,7 @@ import torch
 
 from .compare import _one_line, compare
 from .hidden import hidden_inputs
+from .requirements import RETURNED, check_requirements
 
 #: Directory (in the grading sandbox) the recorders write one ``<exercise>.pt`` file to.
 RESULTS_ENV = "ATTRIBUTION_COURSE_RESULTS"
@@ -48,8 +49,8 @@ PASSED = "PASSED"
 WRONG = "WRONG"
 NOT_ATTEMPTED = "NOT ATTEMPTED"
 
-# what a learner's function did, as recorded by submit()
-RETURNED, RAISED = "returned", "raised"
+# what a learner's function did, as recorded by submit() (RETURNED lives beside the requirement checks that test it)
+RAISED = "raised"
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ def check(
         result = Verdict(exercise, label, WRONG, detail)
     else:
         ok, explanation = compare(got, expected, atol=atol, rtol=rtol, what=what)
+        if ok:  # the values are right: are the exercise's stated requirements met too?
+            problems = check_requirements(exercise, lambda: call_learner_function(function, args, kwargs), args)
+            ok, explanation = not problems, "; ".join(problems)
         result = Verdict(exercise, label, PASSED) if ok else Verdict(exercise, label, WRONG, explanation)
     print(result.line)  # returns None, so a notebook shows the printed line and nothing else
 
@@ -128,21 +132,23 @@ def submit(exercise: str, function: Callable[..., Any], *args: Any, name: str | 
     """Learner's copy: call the learner's function and save what it returned (no verdict here)."""
     label = name or getattr(function, "__name__", "function")
     status, got, detail = call_learner_function(function, args, kwargs)
-    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None, "hidden": []}
+    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None, "hidden": [],
+              "requirements": []}
     if status == RETURNED:
         try:
             record["value"] = plain_value(got)
         except TypeError as err:
             record.update(status=RAISED, detail=f"returned {err}, which cannot be graded")
     if record["status"] == RETURNED:
-        function = _notebook_function(label)
+        named = _notebook_function(label)  # the check may call a lambda; hidden inputs go to the named function
         for hidden_args in hidden_inputs(exercise):
-            status, got, detail = call_learner_function(function, hidden_args, {})
+            status, got, detail = call_learner_function(named, hidden_args, {})
             try:
                 value = plain_value(got) if status == RETURNED else None
             except TypeError as err:
                 status, value, detail = RAISED, None, f"returned {err}, which cannot be graded"
             record["hidden"].append({"status": status, "value": value, "detail": detail})
+        record["requirements"] = check_requirements(exercise, lambda: call_learner_function(function, args, kwargs), args)
     _save(exercise, record)
     print(f"ex {exercise} {label}: submitted for grading")
 

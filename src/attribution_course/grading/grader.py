@@ -40,20 +40,25 @@ from pathlib import Path
 from . import sandbox
 from .hidden import SEED_ENV
 from .audit import audit_notebook, reference_implementations
-from .generation import EXERCISES_DIR, METADATA_KEY, NOTEBOOK_STEMS, SOLUTIONS_DIR, NotebookFormatError, read_notebook
+from .generation import EXERCISES_DIR, GRADED_TAG, METADATA_KEY, NOTEBOOK_STEMS, SOLUTIONS_DIR, NotebookFormatError, read_notebook
 from .gradebook import (
     S_CRASHED, S_ERROR, S_GRADED, S_MALFORMED, S_TIMEOUT, S_UNKNOWN, NotebookResult, scorecard, write_gradebook,
 )
-from .notebooks import writable_text, identify, load_reference, prepare_learner_copy, prepare_reference_copy
+from .notebooks import (
+    identify, load_reference, prepare_learner_copy, prepare_reference_copy, restart_copy, writable_text,
+)
 from .runner import run_nbval
 from .verdicts import (
     DEAD_BEFORE, DIED_HERE, NOT_INTERRUPTIBLE, V_NOT_GRADED, ExerciseResult, decide, exception_summary, short,
     valid_reference,
 )
 
-DEFAULT_TIMEOUT = 300  # seconds per notebook
-DEFAULT_CELL_TIMEOUT = 60  # CPU seconds per cell (wall clock: 10 times that); then the kernel is interrupted
+DEFAULT_TIMEOUT = 300  # least wall-clock seconds per notebook run, unless given
+WALL_SCALE = 4  # ... or this many times the reference run's wall-clock time, if more (it ran on the same machine)
+DEFAULT_CELL_TIMEOUT = 60  # least CPU seconds per cell (wall clock: 10 times that); then the kernel is interrupted
+CPU_SCALE = 5  # a learner's cell may use this many times the CPU time of the reference run's heaviest cell
 REFERENCE_TIMEOUT = 900  # seconds for a reference run (trusted code; a slow machine must not fail it)
+MAX_RESTARTS = 3  # fresh kernels after a cell killed or hung one, so that later exercises are still graded
 
 
 class ReferenceRuns:
@@ -65,6 +70,8 @@ class ReferenceRuns:
         # one draw of hidden inputs for the whole batch (hidden.py), shared with every learner run
         self.env = {SEED_ENV: str(secrets.randbelow(10**9))}
         self._done: dict[str, dict[str, dict] | Exception] = {}
+        self._heaviest_cell: dict[str, float] = {}  # CPU seconds of each chapter's heaviest graded reference cell
+        self._wall: dict[str, float] = {}  # wall-clock seconds of each chapter's reference run
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -84,12 +91,33 @@ class ReferenceRuns:
 
     def _run(self, stem: str) -> dict[str, dict]:
         solution = read_notebook(self.solutions_dir / f"{stem}.ipynb")
-        outcome = run_nbval(prepare_reference_copy(solution), timeout=self.timeout, cell_timeout=self.timeout,
+        copy = prepare_reference_copy(solution)
+        start = time.monotonic()
+        outcome = run_nbval(copy, timeout=self.timeout, cell_timeout=self.timeout,
                             sandboxed=self.sandboxed, extra_env=self.env)
         records = {ex: r for ex, rec in outcome.records.items() if (r := valid_reference(rec)) is not None}
         if not records:
             raise RuntimeError(f"the reference run of {stem} recorded nothing: {short(outcome.output[-2000:])}")
+        graded = [n for n, cell in enumerate(copy.cells) if GRADED_TAG in cell.metadata.get("tags", [])]
+        self._heaviest_cell[stem] = max((outcome.cell_cpu_seconds[n] for n in graded if n < len(outcome.cell_cpu_seconds)),
+                                        default=0.0)
+        self._wall[stem] = time.monotonic() - start
         return records
+
+    def cell_limit(self, stem: str, least: float) -> float:
+        """CPU seconds a learner's cell of chapter ``stem`` may use: ``CPU_SCALE`` times the reference
+        run's heaviest graded cell, and at least ``least`` (which also covers the setup cell). CPU time, not wall time: a loaded machine slows a
+        correct solution down without making it use more CPU time."""
+        self.expected(stem)
+        return max(float(least), CPU_SCALE * self._heaviest_cell.get(stem, 0.0))
+
+    def notebook_timeout(self, stem: str, given: float | None) -> float:
+        """Wall-clock seconds for one run of a learner's notebook: ``given``, else ``WALL_SCALE`` times the
+        reference run's (on this machine, under its present load) and at least ``DEFAULT_TIMEOUT``."""
+        if given is not None:
+            return float(given)
+        self.expected(stem)
+        return max(float(DEFAULT_TIMEOUT), WALL_SCALE * self._wall.get(stem, 0.0))
 
 
 def grade_notebook(
@@ -97,7 +125,7 @@ def grade_notebook(
     *,
     references: ReferenceRuns | None = None,
     exercises_dir: Path = EXERCISES_DIR,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     cell_timeout: float = DEFAULT_CELL_TIMEOUT,
     sandboxed: bool = True,
     name: str | None = None,
@@ -129,23 +157,73 @@ def grade_notebook(
         return _ungraded(submission, stem, S_MALFORMED, f"{path}: unexpected notebook structure ({err})", exercises_dir, start)
 
     references = references or ReferenceRuns(sandboxed=sandboxed)
-    outcome = run_nbval(graded_nb, timeout=timeout, cell_timeout=cell_timeout, sandboxed=sandboxed, extra_env=references.env)
-    expected = references.expected(stem)
-    by_exercise = {ex: number for number, ex in graded_cells.items()}
-    results = [
-        decide(r, expected.get(r.id), outcome.records.get(r.id), outcome.cells.get(by_exercise[r.id]), cell_timeout)
-        for r in reference
-    ]
+    expected = references.expected(stem)  # first: the learner's cell limit scales with the reference run
+    cell_limit = references.cell_limit(stem, cell_timeout)
+    timeout = references.notebook_timeout(stem, timeout)
+    run = functools.partial(run_nbval, timeout=timeout, cell_timeout=cell_limit, sandboxed=sandboxed,
+                            extra_env=references.env)
+    outcome, records, reports, run_notes = _run_with_restarts(run, graded_nb, graded_cells)
+    results = [decide(r, expected.get(r.id), records.get(r.id), reports.get(r.id), cell_limit) for r in reference]
     notes = [identity_note] if identity_note else []
     notes += [f"the graded cell of exercise {m} was missing; the reference check was appended at the end" for m in missing]
     for number, (status, message) in sorted(outcome.cells.items()):
         if number not in graded_cells and status in ("failure", "error") and DEAD_BEFORE not in message:
             notes.append(f"a code cell (not graded) raised {exception_summary(message)}")
-    status, detail = _notebook_status(outcome, timeout, cell_timeout, results)
+    notes += run_notes
+    status, detail = _notebook_status(outcome, timeout, cell_limit, results)
     result = NotebookResult(submission, stem, status, detail, results, notes, time.monotonic() - start)
     if audit:
         result.audit = audit_notebook(learner, reference, _implementations(stem, exercises_dir, solutions_dir))
     return result
+
+
+def _run_with_restarts(run, nb, graded: dict[int, str]):
+    """Run the learner copy; if a cell kills or hangs the kernel, run the rest again in a fresh kernel.
+
+    Returns the first run's outcome (its notebook status), what every run saved ``{exercise: record}``,
+    nbval's report of each exercise's graded cell ``{exercise: (status, message)}`` (from the run
+    that graded it) and notes naming the restarts. The restarted copy re-runs the setup and the
+    learner's definitions but neither the cell that stopped the kernel nor the exercises already
+    graded (:func:`~.notebooks.restart_copy`); an exercise that depends on the lost one fails on its own.
+    """
+    first = outcome = run(nb)
+    records = dict(outcome.records)
+    reports = {exercise: outcome.cells[number] for number, exercise in graded.items() if number in outcome.cells}
+    notes = []
+    for _ in range(MAX_RESTARTS):
+        stop, dropped = _stopping_cell(outcome, graded, records)
+        pending = [ex for number, ex in sorted(graded.items()) if number > stop and ex not in records] if stop is not None else []
+        if not pending:
+            break
+        nb, graded = restart_copy(nb, graded, stop, set(records), dropped)
+        outcome = run(nb)
+        for number, exercise in graded.items():
+            if exercise in pending:
+                if exercise in outcome.records:
+                    records[exercise] = outcome.records[exercise]
+                if number in outcome.cells:
+                    reports[exercise] = outcome.cells[number]
+        notes.append(f"the kernel was stopped in cell {stop + 1} of the graded copy; exercises {', '.join(pending)} "
+                     "were run again in a fresh kernel (setup and your definitions re-run)")
+    return first, records, reports, notes
+
+
+def _stopping_cell(outcome, graded: dict[int, str], records: dict) -> tuple[int | None, set[int]]:
+    """The cell number after which the kernel was dead or stopped (None: it never was), and the
+    learner cells to leave out with it (a notebook timeout: those since the last graded cell)."""
+    numbers = sorted(outcome.cells)
+    for index, number in enumerate(numbers):
+        message = outcome.cells[number][1]
+        if DIED_HERE in message or NOT_INTERRUPTIBLE in message or "waiting for output" in message:
+            return number, set()
+        if DEAD_BEFORE in message:
+            return (numbers[index - 1] if index else None), set()
+    if outcome.timed_out:  # killed from outside: no report; the first graded cell without a result stopped it
+        for number, exercise in sorted(graded.items()):
+            if exercise not in records:
+                before = max((n for n in graded if n < number), default=0)  # cell 0, the setup, always stays
+                return number, set(range(before + 1, number))
+    return None, set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,20 +271,21 @@ def grade_batch(
     *,
     feedback_dir: Path | None = None,
     workers: int | None = None,
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     cell_timeout: float = DEFAULT_CELL_TIMEOUT,
     exercises_dir: Path = EXERCISES_DIR,
     solutions_dir: Path = SOLUTIONS_DIR,
     sandboxed: bool = True,
     progress: bool = True,
     audit: bool = False,
+    references: ReferenceRuns | None = None,
 ) -> list[NotebookResult]:
     """Grade every notebook under ``folder`` in parallel; write the CSV, its totals and feedback files."""
     if sandboxed:
         sandbox.check_available()
     submissions = find_submissions(folder)
     workers = workers or max(1, min(len(submissions), 2))
-    references = ReferenceRuns(solutions_dir, sandboxed=sandboxed)
+    references = references or ReferenceRuns(solutions_dir, sandboxed=sandboxed)
     results: dict[Path, NotebookResult] = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {
@@ -249,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=Path("grades.csv"), help="gradebook to write in batch mode")
     parser.add_argument("--feedback-dir", type=Path, help="per-submission feedback files (default: feedback/ next to the CSV)")
     parser.add_argument("--workers", type=int, help="notebooks graded at once (default: 2)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per notebook (default %(default)s)")
-    parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT, help="CPU seconds per cell; a cell that waits is stopped after 10 times that in wall-clock time (default %(default)s)")
+    parser.add_argument("--timeout", type=float,
+                        help=f"wall-clock seconds per run of a notebook (default: {WALL_SCALE} times the reference "
+                             f"run's on this machine, at least {DEFAULT_TIMEOUT})")
+    parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT,
+                        help=f"least CPU seconds per cell (the limit is {CPU_SCALE} times the reference run's heaviest "
+                             "cell if that is more); a cell that waits is stopped after 10 times the limit in "
+                             "wall-clock time (default %(default)s)")
     parser.add_argument("--exercises-dir", "--reference-dir", type=Path, default=EXERCISES_DIR,
                         help="generated exercises notebooks (default %(default)s)")
     parser.add_argument("--solutions-dir", type=Path, default=SOLUTIONS_DIR, help="solution notebooks (default %(default)s)")
@@ -295,9 +379,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.notebook} does not exist or is not a file", file=sys.stderr)
         return 2
     references = ReferenceRuns(args.solutions_dir, sandboxed=sandboxed)
-    stem = identify(_readable_or_empty(args.notebook), args.notebook)[0]
-    if stem is not None:  # the reference run overlaps with the learner's run
-        threading.Thread(target=_warm, args=(references, stem), daemon=True).start()
     result = grade_safely(args.notebook, references=references, exercises_dir=args.exercises_dir, timeout=args.timeout,
                           cell_timeout=args.cell_timeout, sandboxed=sandboxed, audit=args.audit,
                           solutions_dir=args.solutions_dir)
@@ -307,20 +388,6 @@ def main(argv: list[str] | None = None) -> int:
     if result.status in (S_MALFORMED, S_UNKNOWN):
         return 2
     return 0 if result.all_passed else 1
-
-
-def _readable_or_empty(path: Path):
-    try:
-        return read_notebook(path)
-    except NotebookFormatError:
-        return {}
-
-
-def _warm(references: ReferenceRuns, stem: str) -> None:
-    try:
-        references.expected(stem)
-    except Exception:  # noqa: BLE001 - reported when the grade needs it
-        pass
 
 
 if __name__ == "__main__":

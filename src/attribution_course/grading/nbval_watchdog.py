@@ -10,10 +10,14 @@ kernel noticed at once.
   and raises :class:`KernelDied` as soon as the kernel is no longer alive.
 * nbval gives an interrupted kernel 5 s (wall clock) to answer before it stops it, which a
   loaded machine can exceed; here it is ``ATTRIBUTION_COURSE_OUTPUT_TIMEOUT`` (default 30 s).
+* with ``ATTRIBUTION_COURSE_CPU_LOG`` set, the CPU seconds each cell took are written there
+  (a JSON list, in cell order) when the session ends: the grader scales the learner's cell
+  limit to the reference run's heaviest cell.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from queue import Empty
@@ -21,6 +25,8 @@ from queue import Empty
 KERNEL_DIED = "KERNEL DIED while running this cell"
 WALL_FACTOR = float(os.environ.get("ATTRIBUTION_COURSE_WALL_FACTOR", "10"))
 OUTPUT_TIMEOUT = float(os.environ.get("ATTRIBUTION_COURSE_OUTPUT_TIMEOUT", "30"))
+CPU_LOG_ENV = "ATTRIBUTION_COURSE_CPU_LOG"
+_cell_cpu_seconds: list[float] = []  # one entry per cell run, in order
 
 
 class KernelDied(RuntimeError):
@@ -76,3 +82,23 @@ def pytest_configure(config) -> None:
         self.output_timeout = OUTPUT_TIMEOUT
 
     IPyNbCell.__init__ = init
+
+    original_runtest = IPyNbCell.runtest
+
+    def runtest(self):
+        """Run the cell, noting its CPU time (one entry per cell, in order; 0 if unknown)."""
+        before = kernel_cpu_seconds(self.parent.kernel)
+        try:
+            return original_runtest(self)
+        finally:
+            after = kernel_cpu_seconds(self.parent.kernel)
+            _cell_cpu_seconds.append(round(after - before, 3) if before is not None and after is not None else 0.0)
+
+    IPyNbCell.runtest = runtest
+
+
+def pytest_unconfigure(config) -> None:
+    path = os.environ.get(CPU_LOG_ENV)
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_cell_cpu_seconds, f)

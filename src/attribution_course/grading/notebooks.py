@@ -147,12 +147,24 @@ def rewrite_check(source: str, *, exercise: str, name: str, learner: bool) -> st
     else:
         keywords = [k for k in call.keywords if k.arg in _COMPARISON_KEYWORDS]
         new = ast.Call(ast.Name(_RECORD), [ast.Constant(exercise)], [*keywords, name_keyword])
+    return (_SUBMIT_IMPORT if learner else _RECORD_IMPORT) + _replace_call(source, call, ast.unparse(new))
+
+
+def _replace_call(source: str, call: ast.Call, text: str) -> str:
+    """``source`` with the expression of ``call`` replaced by ``text``."""
     data = source.encode("utf-8")  # ast offsets are in UTF-8 bytes
     lines = data.split(b"\n")
     start = sum(len(l) + 1 for l in lines[: call.lineno - 1]) + call.col_offset
     end = sum(len(l) + 1 for l in lines[: call.end_lineno - 1]) + call.end_col_offset
-    body = (data[:start] + ast.unparse(new).encode("utf-8") + data[end:]).decode("utf-8")
-    return (_SUBMIT_IMPORT if learner else _RECORD_IMPORT) + body
+    return (data[:start] + text.encode("utf-8") + data[end:]).decode("utf-8")
+
+
+def without_submit(source: str) -> str:
+    """A learner copy's graded cell with its ``submit(...)`` call replaced by ``None``: what the cell
+    defines for later cells (``means = ...``) without calling the learner's function again."""
+    tree = ast.parse(source)
+    calls = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == _SUBMIT]
+    return _replace_call(source, calls[0], "None") if calls else source
 
 
 def submitted_line(exercise: str, name: str) -> str:
@@ -228,6 +240,30 @@ def prepare_learner_copy(learner, reference: list[ReferenceExercise]) -> tuple[n
 def _learner_graded_cell(ref: ReferenceExercise) -> nbformat.NotebookNode:
     source = rewrite_check(ref.cell.source, exercise=ref.id, name=ref.name, learner=True)
     return _graded_cell(source, ref.cell.metadata[METADATA_KEY], submitted_line(ref.id, ref.name))
+
+
+def restart_copy(
+    nb: nbformat.NotebookNode, graded: dict[int, str], stop: int, done: set[str], dropped: set[int] = frozenset(),
+) -> tuple[nbformat.NotebookNode, dict[int, str]]:
+    """A learner copy to run in a fresh kernel after cell ``stop`` of ``nb`` killed or hung the kernel.
+
+    Every cell runs again in its order (the setup and the learner's definitions), except: the
+    cells in ``dropped`` and cell ``stop`` itself are left out (a graded one keeps what it defines,
+    without its ``submit`` call), and so are the ``submit`` calls of exercises already graded
+    (``done``). Returns the copy and its graded cells ``{cell number: exercise}``.
+    """
+    copy = _new_notebook()
+    for number, cell in enumerate(nb.cells):
+        exercise = graded.get(number)
+        if exercise is None and (number == stop or number in dropped):
+            continue
+        if exercise is not None and (number == stop or exercise in done):
+            copy.cells.append(nbformat.v4.new_code_cell(source=without_submit(cell.source)))
+            continue
+        copy.cells.append(nbformat.from_dict(cell))
+    numbers = {number: cell.metadata[METADATA_KEY]["exercise"]
+               for number, cell in enumerate(copy.cells) if GRADED_TAG in cell.metadata.get("tags", [])}
+    return copy, numbers
 
 
 def prepare_reference_copy(solution: nbformat.NotebookNode) -> nbformat.NotebookNode:

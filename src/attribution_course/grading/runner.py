@@ -7,6 +7,7 @@ read with care: regular files only (no symlinks), bounded sizes, ``torch.load`` 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -22,6 +23,7 @@ import nbformat
 
 from . import sandbox
 from .checks import RESULTS_ENV
+from .nbval_watchdog import CPU_LOG_ENV
 
 _ANSI = re.compile(r"(\x1b|#x1B)\[[0-9;]*m")  # junit xml escapes ESC as "#x1B"
 _MAX_READ = 64 * 2**20
@@ -34,6 +36,7 @@ class RunOutcome:
     timed_out: bool
     returncode: int | None
     output: str  # the tail of pytest's output
+    cell_cpu_seconds: list[float]  # CPU seconds of each cell run, in order (as the run reported them)
 
 
 def run_nbval(
@@ -48,7 +51,8 @@ def run_nbval(
         nbformat.write(nb, str(workdir / "submission.ipynb"))
         inside = Path(sandbox.SANDBOX_WORKDIR) if sandboxed else workdir
         env = {
-            RESULTS_ENV: str(inside / "results"), "HF_HUB_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
+            RESULTS_ENV: str(inside / "results"), CPU_LOG_ENV: str(inside / "cpu.json"),
+            "HF_HUB_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
             "TOKENIZERS_PARALLELISM": "false",
             # the model is tiny: one thread per kernel is faster than several spin-waiting on a busy machine
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {}),
@@ -80,7 +84,7 @@ def run_nbval(
             _kill(process, sandboxed)  # whatever the notebook left running
         output = _read_tail(log_path)
         return RunOutcome(_parse_junit(workdir / "junit.xml"), _read_records(workdir / "results"), timed_out,
-                          process.returncode, output)
+                          process.returncode, output, _read_cpu_log(workdir / "cpu.json"))
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
 
@@ -150,6 +154,22 @@ def _parse_junit(path: Path) -> dict[int, tuple[str, str]]:
                 break
         cells[int(found.group(1))] = (status, message)
     return cells
+
+
+def _read_cpu_log(path: Path) -> list[float]:
+    import json
+
+    opened = _open_regular(path)
+    if opened is None:
+        return []
+    with opened:
+        try:
+            values = json.load(opened)
+        except ValueError:
+            return []
+    if not isinstance(values, list):
+        return []
+    return [float(v) if type(v) in (int, float) and math.isfinite(v) and v >= 0 else 0.0 for v in values]
 
 
 def _read_records(folder: Path) -> dict[str, object]:
