@@ -33,6 +33,7 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "AtP*'s QK fix against saturation": ["8.5"],
     "AtP*'s GradDrop against cancelling paths": ["8.6"],
     "direct versus total effect (path patching to the logits)": ["4.5"],
+    "diagnosing a failure by freezing (graded, numeric)": ["8.7"],
 }
 
 

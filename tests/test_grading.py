@@ -76,9 +76,11 @@ HIDDEN_MUTATIONS = {
         "7.1", "act.mean(dim=0, keepdim=True).expand(batch_size, *act.shape[1:])",
         "act.mean(dim=0, keepdim=True).expand(len(prompts), *act.shape[1:])", "hidden input",
     )],  # the notebook's batch size instead of the argument
-    "08_when_the_approximation_fails": [(
-        "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 0.5) / 8", "hidden input",
-    )],  # the notebook's number of steps
+    "08_when_the_approximation_fails": [
+        ("8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 0.5) / 8", "hidden input"),  # the notebook's number of steps
+        ("8.7", "gaps.append(atp[layer, head] - exact[layer, head])", "gaps.append(atp[0, 3] - exact[0, 3])",
+         "hidden input"),  # the notebook's head
+    ],
 }
 
 

@@ -311,6 +311,20 @@ def _denoising_inputs(n_prompts: int):  # 8.5, 8.6: denoising (the notebook nois
     return generate
 
 
+def _freezing_inputs(d: _Draw):  # 8.7: other prompts and head, the freezes in another order and number
+    from attribution_course import diagnosis
+    from attribution_course.patching import replacement_activations
+
+    p = d.prompts(2)
+    noise = replacement_activations(d.model, "head", kind="patch", base_tokens=p.clean_tokens, source_tokens=p.corrupted_tokens)
+    named = diagnosis.standard_freezes(d.model, 0)
+    names = ["LayerNorm scales", "nothing", "MLP0 output"]
+    order = torch.randperm(len(names), generator=d.g).tolist()
+    freezes = {names[i]: named[names[i]] for i in order}
+    head = (3 + d.integer(1, d.n_heads)) % d.n_heads  # never the notebook's L0H3
+    return [(d.model, p.clean_tokens, d.metric(p), noise, 0, head, freezes)]
+
+
 PLAIN: dict[str, Callable[[torch.Generator], list[tuple]]] = {
     "2.1": _logit_diff_inputs,
     "2.2": _accuracy_inputs,
@@ -350,6 +364,7 @@ WITH_MODEL: dict[str, Callable[[_Draw], list[tuple]]] = {
     "8.4": _error_reduction_inputs,
     "8.5": _denoising_inputs(2),
     "8.6": _denoising_inputs(2),
+    "8.7": _freezing_inputs,
 }
 
 #: Every exercise with hidden inputs.
