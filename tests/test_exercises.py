@@ -338,3 +338,14 @@ def test_appendix_spells_out_ratings_and_links_back_to_its_chapter():
     assert "{doc}`/09_x`" in appendix.cells[0].source
     assert "Difficulty: 1 of 3" in appendix.cells[1].source and "Importance: 3 of 3" in appendix.cells[1].source
     assert solution.cells[1].source.startswith("## Exercise 9.1"), "the solution notebook is not modified"
+
+
+def test_learner_notebooks_spell_out_difficulty_and_importance():
+    """In Jupyter too a screen reader should hear "Difficulty: 2 of 3", not three circles."""
+    for stem in ex.NOTEBOOK_STEMS:
+        nb = ex.read_notebook(ex.exercise_path(stem))
+        statements = [c.source for c in nb.cells if c.cell_type == "markdown" and c.source.startswith("## Exercise")]
+        assert statements, stem
+        for statement in statements:
+            assert re.search(r"Difficulty: [123] of 3 <span aria-hidden=\"true\">[🔴⚪]{3}</span>", statement), (stem, statement[:80])
+            assert re.search(r"Importance: [123] of 3 <span aria-hidden=\"true\">[🔵⚪]{3}</span>", statement), (stem, statement[:80])

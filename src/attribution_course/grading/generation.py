@@ -221,11 +221,14 @@ def make_exercise_notebook(solution: nbformat.NotebookNode, stem: str, where: st
     """The learner notebook: stubs for solutions, and no outputs at all.
 
     A stored output would show a verdict (``PASSED``) or a value under a stub the learner
-    has not solved; the grader keeps its reference outputs to itself.
+    has not solved; the grader keeps its reference outputs to itself. Difficulty and
+    importance are spelled out in words (:func:`spell_out_ratings`), as on the appendix pages.
     """
     nb = copy.deepcopy(solution)
     parse_exercises(nb, where)  # a malformed solution notebook is reported here, naming the cell
     for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown":
+            cell.source = spell_out_ratings(cell.source)
         if cell.cell_type != "code":
             continue
         if BEGIN_SOLUTION in cell.source:
