@@ -243,8 +243,8 @@ def test_attribution_is_the_first_order_term_of_the_exact_effect(model, prompts,
 @pytest.mark.parametrize("kind", KINDS)
 def test_one_pass_for_all_families_equals_one_family_at_a_time(model, prompts, metric, replacements, kind):
     families = list(patching.FAMILIES)
-    together = patching.attribution_sweeps(
-        model, prompts.clean_tokens, metric, families, kind=kind, source_tokens=_source(prompts, kind)
+    together = patching.attribution_sweeps(  # the bridge, like attribution_sweep: this compares passes, not engines
+        model, prompts.clean_tokens, metric, families, kind=kind, source_tokens=_source(prompts, kind), engine="bridge"
     )
     assert set(together) == set(families)
     for family in families:

@@ -711,7 +711,9 @@ def scaling_figure(results: dict):
     figure.update_yaxes(type="log", title_text="seconds (median)")
     figure.update_xaxes(title_text="prompts", row=1, col=1)
     figure.update_xaxes(title_text="positions swept", row=2, col=1)
-    figure.update_layout(height=720, margin=dict(b=40, l=60, r=20))
+    # a title of its own: the first panel's title would otherwise sit under the plotly toolbar
+    figure.update_layout(title="Benchmark: time against prompts and against positions swept",
+                         height=760, margin=dict(b=40, l=60, r=20))
     return figure
 
 

@@ -710,11 +710,14 @@ def attribution_sweep(
     metric: Metric,
     replacements: Activations,
     family: str | Family,
-    engine: Literal["auto", "bridge", "bare"] = "auto",
+    engine: Literal["auto", "bridge", "bare"] = "bridge",
 ) -> torch.Tensor:
     """Attribution for every component of ``family``: one forward and one backward pass.
 
-    ``engine`` as in :func:`attribution_sweeps` (by default the bare twin where it serves the family).
+    ``engine`` as in :func:`attribution_sweeps`, but the bridge by default: ``replacements``
+    were computed by the caller, and ``a' - a`` must come from one engine, or a small step
+    (``a' = a + ε·δ``, or positions where ``a' = a``) is swamped by the two engines' float
+    rounding (~1e-6 relative). :func:`attribution_sweeps` computes both on the bare twin.
     """
     fam = get_family(family)
     check_tokens(base_tokens, "base_tokens")
