@@ -38,6 +38,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .patching import _gradient_tap, _saver
+
 Activations = dict[str, torch.Tensor]
 
 #: Hook-name templates this engine serves (every family of ``patching`` except ``pattern``).
@@ -122,41 +124,38 @@ def bare_twin(model) -> nn.Module | None:
 
 
 class _Tap:
-    """Records one hook point's value in bridge coordinates and, if asked, arranges for its gradient.
-
-    ``to_bridge`` maps the bare tensor to the bridge's coordinates (a shift that does
-    not change the gradient); the model goes on computing with the bare tensor.
+    """One hook point on the twin, recorded by :mod:`patching`'s own taps (``_gradient_tap``
+    when gradients are wanted, else ``_saver``) in the twin's coordinates; :meth:`in_bridge`
+    then gives the bridge's view. ``to_bridge`` is a shift that does not change the gradient,
+    ``reshape`` splits heads where the bridge does; the model computes on the bare tensor.
     """
 
-    def __init__(self, name: str, to_bridge: Callable[[torch.Tensor], torch.Tensor], activations: Activations,
-                 gradients: Activations | None, reshape: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, name: str, to_bridge: Callable[[torch.Tensor], torch.Tensor],
+                 reshape: Callable[[torch.Tensor], torch.Tensor], raw: Activations, raw_gradients: Activations | None):
         self.name, self.to_bridge, self.reshape = name, to_bridge, reshape
-        self.activations, self.gradients = activations, gradients
+        self.record = _saver(raw, name) if raw_gradients is None else _gradient_tap(raw, raw_gradients, name)
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.gradients is not None and not tensor.requires_grad:
-            tensor = tensor.detach().requires_grad_(True)  # the backward pass stops here
-        self.activations[self.name] = self.to_bridge(self.reshape(tensor.detach()))
-        if self.gradients is not None:
-            def record(grad, name=self.name, reshape=self.reshape):
-                self.gradients[name] = reshape(grad.detach())
+        kept = self.record(tensor, None)  # _gradient_tap may swap in a leaf where the backward pass stops
+        return tensor if kept is None else kept
 
-            tensor.register_hook(record)
-        return tensor
+    def in_bridge(self, raw: Activations, raw_gradients: Activations) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gradient = raw_gradients.get(self.name)
+        return self.to_bridge(self.reshape(raw[self.name])), None if gradient is None else self.reshape(gradient)
 
 
 def _centred(tensor: torch.Tensor) -> torch.Tensor:
     return tensor - tensor.mean(-1, keepdim=True)
 
 
-def _register(twin: nn.Module, model, name: str, activations: Activations, gradients: Activations | None):
-    """Attach the PyTorch hook that serves bridge hook ``name`` on the twin; returns its handle."""
+def _register(twin: nn.Module, model, name: str, raw: Activations, raw_gradients: Activations | None):
+    """Attach the PyTorch hook that serves bridge hook ``name`` on the twin; returns its handle and tap."""
     template, layer = _parse(name)
     block = twin.transformer.h[layer]
     n_heads = model.cfg.n_heads
     identity = lambda t: t  # noqa: E731
     if template == "blocks.{layer}.hook_resid_pre":
-        tap = _Tap(name, _centred, activations, gradients, identity)
+        tap = _Tap(name, _centred, identity, raw, raw_gradients)
 
         def pre_block(module, args, kwargs):
             if args:
@@ -164,44 +163,54 @@ def _register(twin: nn.Module, model, name: str, activations: Activations, gradi
             kwargs = dict(kwargs, hidden_states=tap(kwargs["hidden_states"]))
             return args, kwargs
 
-        return block.register_forward_pre_hook(pre_block, with_kwargs=True)
+        return block.register_forward_pre_hook(pre_block, with_kwargs=True), tap
     if template == "blocks.{layer}.attn.hook_z":
         from .zero_ablation import head_value_bias
 
         value_bias = head_value_bias(model)[layer]  # [head, d_head]
         split = lambda t: t.reshape(*t.shape[:-1], n_heads, -1)  # noqa: E731  [b, p, head*d_head] -> [b, p, head, d_head]
-        tap = _Tap(name, lambda z: z - value_bias.to(z.dtype), activations, gradients, split)
-        return block.attn.c_proj.register_forward_pre_hook(lambda module, args: (tap(args[0]), *args[1:]))
+        tap = _Tap(name, lambda z: z - value_bias.to(z.dtype), split, raw, raw_gradients)
+        return block.attn.c_proj.register_forward_pre_hook(lambda module, args: (tap(args[0]), *args[1:])), tap
     if template == "blocks.{layer}.hook_attn_out":
-        tap = _Tap(name, _centred, activations, gradients, identity)
+        tap = _Tap(name, _centred, identity, raw, raw_gradients)
 
         def after_attention(module, args, output):
             if isinstance(output, tuple):
                 return (tap(output[0]), *output[1:])
             return tap(output)
 
-        return block.attn.register_forward_hook(after_attention)
-    tap = _Tap(name, _centred, activations, gradients, identity)  # blocks.{layer}.hook_mlp_out
-    return block.mlp.register_forward_hook(lambda module, args, output: tap(output))
+        return block.attn.register_forward_hook(after_attention), tap
+    tap = _Tap(name, _centred, identity, raw, raw_gradients)  # blocks.{layer}.hook_mlp_out
+    return block.mlp.register_forward_hook(lambda module, args, output: tap(output)), tap
 
 
 def _run(twin, model, tokens: torch.Tensor, names: list[str], gradients: Activations | None, metric=None):
-    activations: Activations = {}
-    handles = [_register(twin, model, name, activations, gradients) for name in names]
+    """One twin forward (and, with ``metric``, one backward); returns the metric value and the
+    activations at ``names`` in bridge coordinates, and fills ``gradients`` (if given) likewise."""
+    raw: Activations = {}
+    raw_gradients: Activations | None = None if gradients is None else {}
+    registered = [_register(twin, model, name, raw, raw_gradients) for name in names]
     try:
+        value = None
         if metric is None:
             with torch.no_grad():
                 twin(tokens)
-            return None, activations
-        with torch.enable_grad():
-            value = metric(twin(tokens).logits)
-            if not value.requires_grad:
-                raise RuntimeError(f"the metric does not depend on any of the hooks {names}")
-            value.backward()
-        return value.item(), activations
+        else:
+            with torch.enable_grad():
+                output = metric(twin(tokens).logits)
+                if not output.requires_grad:
+                    raise RuntimeError(f"the metric does not depend on any of the hooks {names}")
+                output.backward()
+            value = output.item()
     finally:
-        for handle in handles:
+        for handle, _ in registered:
             handle.remove()
+    activations: Activations = {}
+    for _, tap in registered:
+        activations[tap.name], gradient = tap.in_bridge(raw, raw_gradients or {})
+        if gradients is not None and gradient is not None:
+            gradients[tap.name] = gradient
+    return value, activations
 
 
 def cache_activations(model, tokens: torch.Tensor, names: list[str]) -> Activations:
