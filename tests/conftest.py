@@ -50,26 +50,10 @@ def sandbox_or_skip():
         pytest.skip(str(err))
 
 
-GPT2_SMALL = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
-
-
 @pytest.fixture(scope="session")
 def gpt2_small_sized(tmp_path_factory):
-    """A TransformerBridge over a randomly initialised GPT-2-small-sized model, built offline.
+    """A TransformerBridge over a randomly initialised GPT-2-small-sized model, built offline
+    (:func:`attribution_course.model.save_random_gpt2`: GPT-2's 50,257-token vocabulary, made-up words)."""
+    from attribution_course.model import load_model, save_random_gpt2
 
-    The tokenizer is word-level over made-up words (``w0`` .. ``w50256``), so the
-    vocabulary has GPT-2's 50,257 entries without any download.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from attribution_course.model import load_model
-
-    directory = tmp_path_factory.mktemp("gpt2_small_sized")
-    torch.manual_seed(0)
-    config = GPT2Config(**GPT2_SMALL, n_positions=64, bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(directory)
-    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w1"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0", eos_token="w0", unk_token="w1").save_pretrained(directory)
-    return load_model(directory)
+    return load_model(save_random_gpt2(tmp_path_factory.mktemp("gpt2_small_sized")))

@@ -112,3 +112,35 @@ def test_auto_uses_the_prefix_engine_at_128_prompts_on_a_gpt2_small_sized_model(
     swept_positions = [1, SMALL_SEQUENCE - 1]
     reference = [(0, 1), (5, 1), (11, SMALL_SEQUENCE - 1), (0, SMALL_SEQUENCE - 1)]
     assert_auto_sweep_uses_the_prefix_engine_and_agrees(model, base, source, metric, "resid_pos", reference, positions=swept_positions)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["head_pos", "attn_pos", "mlp_pos"])
+def test_position_local_patches_agree_on_a_gpt2_small_sized_model(gpt2_small_sized, family):
+    """A head, attention or MLP output replaced at one position reruns its own block at that position alone.
+
+    The prefix engine then takes the next block's queries, keys and values at later positions from
+    the base run, and in the last layer a patch at a position the metric does not read changes
+    nothing. Each shortcut is checked against one hooked bridge forward per component, at a
+    position the metric reads and one it does not, in the first, a middle and the last layer.
+    """
+    model = gpt2_small_sized
+    n_prompts = 4
+    generator = torch.Generator().manual_seed(1)
+    clean = torch.randint(2, model.cfg.d_vocab, (n_prompts, SMALL_SEQUENCE), generator=generator)
+    corrupted = clean.clone()
+    corrupted[:, 1] = torch.randint(2, model.cfg.d_vocab, (n_prompts,), generator=generator)
+    answers = torch.randint(2, model.cfg.d_vocab, (2, n_prompts), generator=generator)
+    rows = torch.arange(n_prompts)
+
+    def metric(logits):
+        last = logits[:, -1]
+        return (last[rows, answers[0]] - last[rows, answers[1]]).mean()
+
+    base, source = patching.base_and_source(clean, corrupted, "denoising")
+    last_layer, last_position = model.cfg.n_layers - 1, SMALL_SEQUENCE - 1
+    if family == "head_pos":
+        reference = [(0, 3, 1), (5, 7, 1), (last_layer, 2, 1), (last_layer, 2, last_position), (0, 0, last_position)]
+    else:
+        reference = [(0, 1), (5, 1), (last_layer, 1), (last_layer, last_position), (0, last_position)]
+    assert_auto_sweep_uses_the_prefix_engine_and_agrees(model, base, source, metric, family, reference, positions=[1, last_position])

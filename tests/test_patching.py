@@ -392,5 +392,11 @@ def test_quick_benchmark_run_writes_json_markdown_and_a_figure(tmp_path):
     assert {t["name"] for t in results["targets"]} and all(isinstance(t["met"], bool) for t in results["targets"])
     assert markdown.read_text() == (tmp_path / "bench.md").read_text()
     assert "| exact sweep, ours (prefix engine) |" in markdown.read_text()
+    # every size times the exact sweep beside the peer, and the one-thread and two-thread runs both happen
+    assert {size["varies"] for size in results["sizes"]} == {"prompts", "positions", "threads"}
+    assert {size["threads"] for size in results["sizes"]} == {1, 2} and set(results["matmul_gflops"]) == {"1", "2"}
+    assert all(size["exact_ours_vs_peer_relative"] < 1e-4 and size["flops"]["exact_ours"] > 0 for size in results["sizes"])
+    assert all(value["peak_growth_mb"] is not None for value in results["peak_memory_fresh_process_mb"].values())
+    assert "## Every size" in markdown.read_text()
     figure = bench.scaling_figure(results)
     assert len(figure.data) >= 5

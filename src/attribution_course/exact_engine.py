@@ -120,6 +120,10 @@ FUNCTIONAL_SITES = {
 }
 
 
+#: Sites whose replacement at one position leaves the rest of its own block's positions as they were.
+POSITION_LOCAL_SITES = frozenset({"z", "attn_out", "mlp_out"})
+
+
 class PrefixRunner:
     """Runs patched variants from the patched layer and position onwards.
 
@@ -134,10 +138,15 @@ class PrefixRunner:
         self.family = family
         self.replacements = replacements
         self.site = FUNCTIONAL_SITES[family.hook]
+        # A head's output, an attention output or an MLP output replaced at position p changes the
+        # patched block's residual stream at p alone (nothing inside the block reads it at other
+        # positions), so the patched block needs rerunning only there.
+        self.patch_is_position_local = self.site in POSITION_LOCAL_SITES and "pos" in family.component_axes
         self.batch, self.n_positions = base_tokens.shape
         self.base_resid: list[torch.Tensor] = []
         self.base_keys: list[torch.Tensor] = []
         self.base_values: list[torch.Tensor] = []
+        self.base_qkv: list[torch.Tensor] = []  # per layer, [batch, pos, 3 * d_model]
         self.base_activations: Activations = {}
         self.base_logits = self._forward_base(base_tokens)
 
@@ -149,33 +158,48 @@ class PrefixRunner:
         rows, pos, d_model = x.shape
         return x.view(rows, pos, self.weights.n_heads, d_model // self.weights.n_heads).transpose(1, 2)
 
-    def _block(self, layer, resid, positions, keys_before, values_before, patch=None, queries=None):
+    def _block(self, layer, resid, positions, keys_before, values_before, patch=None, queries=None, qkv_after_first=None):
         """One block on the residual stream at ``positions`` (absolute, contiguous up to the end).
 
-        ``keys_before``/``values_before`` hold earlier positions' keys and values.
+        ``keys_before``/``values_before`` (``[rows, head, first, d_head]``) hold earlier
+        positions' keys and values, the base run's: ``resid`` may stack several variants
+        of those rows (variant-major), which all read the one copy (broadcast, not repeated).
         ``queries`` (indices into ``positions``) limits what the block outputs to
         those positions (their keys and values are still computed for all).
         ``patch(site, act, positions_of_act)`` may replace an activation.
+        ``qkv_after_first`` (``[rows, len(positions) - 1, 3 * d_model]``), when only the
+        first position's residual stream differs from the base run, is the base run's
+        queries, keys and values at the others, so they are not recomputed.
         """
         w = self.weights.blocks[layer]
         if patch is not None:
             resid = patch("resid_pre", resid, positions)
-        qkv = torch.addmm(w["qkv_b"], self._norm(resid, w["ln_1_w"], w["ln_1_b"]).flatten(0, 1), w["qkv_w"])
-        q, k, v = qkv.view(resid.shape[0], resid.shape[1], -1).split(resid.shape[-1], dim=-1)
+        recomputed = resid if qkv_after_first is None else resid[:, :1]
+        qkv = torch.addmm(w["qkv_b"], self._norm(recomputed, w["ln_1_w"], w["ln_1_b"]).flatten(0, 1), w["qkv_w"])
+        qkv = qkv.view(recomputed.shape[0], recomputed.shape[1], -1)
+        if qkv_after_first is not None:
+            qkv = torch.cat([qkv, qkv_after_first], dim=1)
+        q, k, v = qkv.split(resid.shape[-1], dim=-1)
         out_positions = positions
         if queries is not None:
             q, resid, out_positions = q[:, queries], resid[:, queries], positions[queries]
         q, k, v = self._heads(q), self._heads(k), self._heads(v)
+        scores = q @ k.transpose(-1, -2)
+        n_before = 0
         if keys_before is not None:
-            k = torch.cat([keys_before, k], dim=2)
-            v = torch.cat([values_before, v], dim=2)
-        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        key_positions = torch.arange(k.shape[2])
+            n_before = keys_before.shape[2]
+            by_variant = lambda t: t.view(-1, keys_before.shape[0], *t.shape[1:])  # noqa: E731  [variant, rows, ...]
+            scores = torch.cat([(by_variant(q) @ keys_before.transpose(-1, -2)).flatten(0, 1), scores], dim=-1)
+        scores = scores / math.sqrt(q.shape[-1])
+        key_positions = torch.arange(scores.shape[-1])
         scores = scores.masked_fill(key_positions.unsqueeze(0) > out_positions.unsqueeze(1), float("-inf"))
         pattern = scores.softmax(-1)
         if patch is not None:
             pattern = patch("pattern", pattern, out_positions)
-        z = (pattern @ v).transpose(1, 2)  # [rows, pos, head, d_head]
+        z = pattern[..., n_before:] @ v
+        if keys_before is not None:
+            z = z + (by_variant(pattern[..., :n_before]) @ values_before).flatten(0, 1)
+        z = z.transpose(1, 2)  # [rows, pos, head, d_head]
         if patch is not None:
             z = patch("z", z, out_positions)
         attn_out = torch.addmm(w["out_b"], z.flatten(2).flatten(0, 1), w["out_w"]).view_as(resid)
@@ -187,7 +211,7 @@ class PrefixRunner:
         mlp_out = torch.addmm(w["mlp_out_b"], hidden, w["mlp_out_w"]).view_as(resid)
         if patch is not None:
             mlp_out = patch("mlp_out", mlp_out, out_positions)
-        sites = {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out}
+        sites = {"resid_pre": resid, "pattern": pattern, "z": z, "attn_out": attn_out, "mlp_out": mlp_out, "qkv": qkv}
         return resid_mid + mlp_out, k, v, sites
 
     def _unembed(self, resid):
@@ -203,6 +227,7 @@ class PrefixRunner:
             resid, k, v, sites = self._block(layer, resid, positions, None, None)
             self.base_keys.append(k)
             self.base_values.append(v)
+            self.base_qkv.append(sites["qkv"])
             self.base_activations[self.family.hook_name(layer)] = sites[self.site]
         return self._unembed(resid)
 
@@ -267,16 +292,34 @@ class PrefixRunner:
             return _replace_components(act, source, self.family, components, positions) if site == self.site else act
 
         positions = torch.arange(first, self.n_positions)
-        resid = repeat(self.base_resid[layer][rows, first:])
+        start = layer
+        if self.patch_is_position_local:
+            # the patched block at position `first` only (its keys and values before it are the base run's)
+            before = (self.base_keys[layer][rows, :, :first], self.base_values[layer][rows, :, :first]) if first else (None, None)
+            patched, _, _, _ = self._block(layer, repeat(self.base_resid[layer][rows, first : first + 1]), positions[:1], *before, patch=patch)
+            if layer == n_layers - 1:
+                # only position `first` changed: every other position's logits are the base run's
+                logits = repeat(self.base_logits[rows][:, computed])
+                if computed[0] == first:
+                    logits[:, 0] = self._unembed(patched)[:, 0]
+                return computed, logits
+            resid = torch.cat([patched, repeat(self.base_resid[layer + 1][rows, first + 1 :])], dim=1)
+            start = layer + 1
+        else:
+            resid = repeat(self.base_resid[layer][rows, first:])
         queries = None
-        for current in range(layer, n_layers):
+        for current in range(start, n_layers):
             if first:
-                before = (repeat(self.base_keys[current][rows, :, :first]), repeat(self.base_values[current][rows, :, :first]))
+                before = (self.base_keys[current][rows, :, :first], self.base_values[current][rows, :, :first])
             else:
                 before = (None, None)
             if current == n_layers - 1 and read_positions is not None:
                 queries = torch.tensor(computed, dtype=torch.long) - first
-            resid, _, _, _ = self._block(current, resid, positions, *before, patch=patch if current == layer else None, queries=queries)
+            # the block after a position-local patch: only position `first` enters it changed
+            qkv_after_first = repeat(self.base_qkv[current][rows, first + 1 :]) if current == start and start > layer else None
+            resid, _, _, _ = self._block(
+                current, resid, positions, *before, patch=patch if current == layer else None, queries=queries, qkv_after_first=qkv_after_first
+            )
         return computed, self._unembed(resid)
 
 

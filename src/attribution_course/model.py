@@ -73,3 +73,29 @@ def head_labels(model) -> list[str]:
     """``"L{layer}H{head}"`` for every attention head, layer-major."""
     return [f"L{l}H{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
+
+
+#: GPT-2 small's sizes (12 layers, 12 heads, d_model 768, 50,257-token vocabulary).
+GPT2_SMALL_SIZES = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
+
+
+def save_random_gpt2(directory: str | os.PathLike, *, seed: int = 0, n_positions: int = 64, **sizes) -> Path:
+    """Save a randomly initialised GPT-2-architecture model with a made-up tokenizer to ``directory``.
+
+    ``sizes`` are ``GPT2Config`` fields (default :data:`GPT2_SMALL_SIZES`). The tokenizer is
+    word-level over made-up words (``w0`` .. ``w{vocab_size - 1}``), so the model has the
+    vocabulary size asked for without any download. For tests and the benchmark's
+    model-size runs; load it with :func:`load_model`.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = GPT2Config(**{**GPT2_SMALL_SIZES, **sizes}, n_positions=n_positions, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(config).save_pretrained(directory)
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w1"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w0", eos_token="w0", unk_token="w1").save_pretrained(directory)
+    return directory
