@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -387,6 +388,31 @@ def variant_logits(
             positions, logits = runner.run(layer, first, components[k : k + 1], read_positions, rows=rows)
             shown.write(rows, positions, logits)
         yield shown.buffer
+
+
+def over_threads(work: Callable[[list], list], passes: list, threads: int) -> list:
+    """``work(share)`` for ``threads`` interleaved shares of ``passes``, concatenated.
+
+    With more than one thread each share runs in its own Python thread with one torch
+    thread (PyTorch releases the GIL inside its kernels, so the shares' arithmetic runs
+    in parallel; interleaving balances early-layer passes, which cost more, across
+    shares). The torch thread count is restored afterwards.
+    """
+    if threads <= 1 or len(passes) < 2:
+        return work(passes)
+    shares = [passes[i::threads] for i in range(threads)]
+    before = torch.get_num_threads()
+
+    def one_torch_thread(share):
+        torch.set_num_threads(1)
+        return work(share)
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return [item for part in pool.map(one_torch_thread, shares) for item in part]
+    finally:
+        torch.set_num_threads(before)
 
 
 #: How closely the functional forward must reproduce the bridge before it is trusted.

@@ -602,7 +602,7 @@ def exact_sweep(
                     return variants_per_pass * batch
                 return runner.rows_per_pass(first, read_positions, memory_budget_bytes)
 
-            def logits_of(layer, first, chunk_components):
+            def logits_of(layer, first, chunk_components, shown=shown):
                 return exact_engine.variant_logits(runner, shown, layer, first, chunk_components, read_positions, rows_per_pass(first))
 
             chunks = _chunks(fam, components, lambda first: max(1, rows_per_pass(first) // batch), by_first_position=True)
@@ -613,15 +613,34 @@ def exact_sweep(
                 return _bridge_variant_logits(model, base_tokens, replacements, fam, layer, chunk_components)
 
             chunks = _chunks(fam, components, lambda first: 1 if engine == "loop" else bridge_variants, by_first_position=False)
-        for layer, first, members in tqdm(chunks, disable=not progress, desc=f"exact {fam.name}"):
-            for row, logits in zip(members, logits_of(layer, first, components[members][:, 1:])):
-                value = metric(logits).item()
-                if math.isnan(value) and not math.isnan(base_value):
-                    raise RuntimeError(
-                        f"the metric read logits at positions other than metric_positions={read_positions}; "
-                        "pass metric_positions=None"
-                    )
-                effects[tuple(components[row].tolist())] = value - base_value
+        bar = tqdm(total=len(chunks), disable=not progress, desc=f"exact {fam.name}")
+
+        def metric_values(share, own_buffer=False):
+            """``(component row, M(patched))`` for every variant of the passes in ``share``."""
+            values = []
+            kwargs = {"shown": exact_engine.VariantLogits(base_logits, read_positions)} if own_buffer else {}
+            for layer, first, members in share:
+                for row, logits in zip(members, logits_of(layer, first, components[members][:, 1:], **kwargs)):
+                    value = metric(logits).item()
+                    if math.isnan(value) and not math.isnan(base_value):
+                        raise RuntimeError(
+                            f"the metric read logits at positions other than metric_positions={read_positions}; "
+                            "pass metric_positions=None"
+                        )
+                    values.append((row, value))
+                bar.update(1)
+            return values
+
+        if engine == "prefix":
+            # the prefix engine's passes are independent: with n torch threads, n Python threads run
+            # their own share of passes (one torch thread each), since its small matrix products
+            # leave a second intra-op thread mostly idle
+            values = exact_engine.over_threads(lambda share: metric_values(share, own_buffer=True), chunks, torch.get_num_threads())
+        else:
+            values = metric_values(chunks)
+        bar.close()
+        for row, value in values:
+            effects[tuple(components[row].tolist())] = value - base_value
     return effects
 
 
