@@ -339,7 +339,7 @@ def test_the_plain_transformers_peer_computes_our_exact_sweep(model, prompts, me
     reps = patching.replacement_activations(model, "head_pos", kind="patch", base_tokens=base, source_tokens=source)
     ours = patching.exact_sweep(model, base, metric, reps, "head_pos")
     bare = bench.bare_model(SHIPPED_MODEL_DIR)
-    peer = bench.peer_exact_head_pos(bare, base, source, prompts.end_position, lambda final: bench.logit_diff_at_read(final, prompts))
+    peer = bench.peer_exact_head_pos(bare, base, source, prompts.end_position, lambda final: bench.logit_diff_at_read(final, prompts.io_token, prompts.s_token))
     assert ours.abs().max() > 1e-2
     assert_close(peer, ours, atol=1e-4, rtol=0)
 

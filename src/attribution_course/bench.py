@@ -116,6 +116,8 @@ from typing import Callable
 
 import torch
 
+from .exact_engine import torch_threads
+
 SCHEMA_VERSION = 1
 DEFAULT_OUTPUT_DIR = Path("bench-output")
 #: The committed copy of one real run (written with ``--markdown``/``--json``), which the book plots.
@@ -233,10 +235,12 @@ def unavailable(reason: str) -> dict:
     }
 
 
-def logit_diff_at_read(final_logits, prompts):
-    """The course metric (:func:`metrics.logit_diff`) from the logits at the final position only, ``[batch, vocab]``."""
+def logit_diff_at_read(final_logits, correct, wrong):
+    """The course metric (:func:`metrics.logit_diff`) from the logits at the read position only, ``[batch, vocab]``:
+    the mean over the batch of ``logit(correct) - logit(wrong)`` (for IOI, ``prompts.io_token``, ``prompts.s_token``)."""
     rows = torch.arange(final_logits.shape[0])
-    return (final_logits[rows, prompts.io_token] - final_logits[rows, prompts.s_token]).mean()
+    return (final_logits[rows, correct] - final_logits[rows, wrong]).mean()
+
 
 
 def peak_rss_mb() -> float:
@@ -402,11 +406,11 @@ class SweepTask:
     read_position: int
     correct: torch.Tensor  # [batch]
     wrong: torch.Tensor  # [batch]
+    prompts: object = None  # the IOI prompts it was made from (TransformerLens's attribution takes them pair by pair)
 
     def metric_at_read(self, final_logits: torch.Tensor) -> torch.Tensor:
         """The metric from the logits at the read position only, ``[batch, vocab]``."""
-        rows = torch.arange(final_logits.shape[0])
-        return (final_logits[rows, self.correct] - final_logits[rows, self.wrong]).mean()
+        return logit_diff_at_read(final_logits, self.correct, self.wrong)
 
     def metric(self, logits: torch.Tensor) -> torch.Tensor:
         """The metric from ``[batch, pos, vocab]`` logits."""
@@ -429,7 +433,7 @@ def ioi_task(model, n_prompts: int, seed: int, *, extra_positions: int = 0) -> S
         filler = torch.randint(1, model.cfg.d_vocab, (1, extra_positions), generator=generator).expand(len(prompts), -1)
         base, source = torch.cat([filler, base], 1), torch.cat([filler, source], 1)
     return SweepTask(f"IOI, {n_prompts} prompts x {base.shape[1]} positions", base, source,
-                     prompts.end_position + extra_positions, prompts.io_token, prompts.s_token)
+                     prompts.end_position + extra_positions, prompts.io_token, prompts.s_token, prompts)
 
 
 def random_task(model, n_prompts: int, n_positions: int, seed: int) -> SweepTask:
@@ -516,12 +520,8 @@ def measure_size(model, bare, task: SweepTask, repeats: int, *, model_label: str
             raise RuntimeError(f"our own {name} failed on {task.label}: {timings[name]['reason']}")
     # counted on one thread: the count does not depend on threads, and FlopCounterMode sees only
     # the thread it was entered in (the exact sweep's passes run in worker threads when given two)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         flops = {name: matmul_flops(calls[name]) for name in ("exact_ours", "exact_peer_transformers")}
-    finally:
-        torch.set_num_threads(threads)
     median = lambda name: timings[name]["median_s"] if timings[name]["available"] else None  # noqa: E731
     ratio = lambda a, b: None if median(a) is None or median(b) is None else median(a) / median(b)  # noqa: E731
     ours = values["exact_ours"]
@@ -558,7 +558,7 @@ def measure_size(model, bare, task: SweepTask, repeats: int, *, model_label: str
 
 
 def measure_sizes(
-    model, bare, model_path, *, seed: int, repeats: int, n_prompts: int, scaling_prompts, extra_positions,
+    model, bare, *, seed: int, repeats: int, n_prompts: int, scaling_prompts, extra_positions,
     two_thread_prompts, gpt2_small_prompts: int | None, gpt2_small_repeats: int, log: Callable[[str], None] = print,
 ) -> list[dict]:
     """Rows of :func:`measure_size` over prompts, sequence length, model size and thread count.
@@ -590,15 +590,11 @@ def measure_sizes(
                                       varies="model", warmup=0))
             del big, big_bare
         log("size: GPT-2-small-sized model done")
-    threads = torch.get_num_threads()
-    other = 2 if threads == 1 else 1  # the benchmark's own count is one of the pair 1 and 2
-    torch.set_num_threads(other)
-    try:
+    other = 2 if torch.get_num_threads() == 1 else 1  # the benchmark's own count is one of the pair 1 and 2
+    with torch_threads(other):
         for n in two_thread_prompts:
             sizes.append(measure_size(model, bare, ioi_task(model, n, seed), repeats, model_label="shipped", varies="threads"))
             log(f"size: {n} prompts with {other} thread(s) done")
-    finally:
-        torch.set_num_threads(threads)
     return sizes
 
 
@@ -625,12 +621,8 @@ def prompt_scaling_rows(sizes: list[dict], threads: int) -> list[dict]:
 
 def matmul_gflops_at(threads: int) -> float:
     """:func:`matmul_gflops` with ``threads`` torch threads (the thread count is restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return matmul_gflops()
-    finally:
-        torch.set_num_threads(before)
 
 
 #: Positions per prompt on the GPT-2-small-sized model (its sweeps cost ~100x the shipped model's per component).
@@ -654,15 +646,13 @@ def peak_memory_of(method: str, n_prompts: int, seed: int) -> float | None:
     """
     from .metrics import logit_diff
     from .model import SHIPPED_MODEL_DIR, load_model
-    from .prompts import make_ioi_prompts
 
     model = load_model(None)
     bare = bare_model(SHIPPED_MODEL_DIR)
     task = ioi_task(model, n_prompts, seed)
     calls = size_methods(model, bare, task, with_transformer_lens=True)
     calls["exact_ours_loop"] = lambda: exact_ours_for(model, task, engine="loop")
-    prompts = make_ioi_prompts(model, n_prompts, seed=seed)
-    calls["attribution_transformer_lens"] = lambda: tl_attribution(model, prompts, lambda p: (lambda logits: logit_diff(logits, p)))
+    calls["attribution_transformer_lens"] = lambda: tl_attribution(model, task.prompts, lambda p: (lambda logits: logit_diff(logits, p)))
     memory = PeakMemory()
     memory.start()
     calls[method]()
@@ -713,19 +703,16 @@ def run_benchmark(
     from . import patching
     from .metrics import logit_diff
     from .model import SHIPPED_MODEL_DIR, load_model
-    from .prompts import make_ioi_prompts
 
     started = time.time()
     load_before = list(os.getloadavg())
     model = load_model(model_path)
     bare = bare_model(model_path or SHIPPED_MODEL_DIR)
     cfg = model.cfg
-    prompts = make_ioi_prompts(model, n_prompts, seed=seed)
-    metric_for = lambda p: (lambda logits: logit_diff(logits, p))  # noqa: E731
-    metric = metric_for(prompts)
-    read_metric_for = lambda p: (lambda final: logit_diff_at_read(final, p))  # noqa: E731
+    task = ioi_task(model, n_prompts, seed)
+    metric_for = lambda p: (lambda logits: logit_diff(logits, p))  # noqa: E731  (TransformerLens's attribution, pair by pair)
     family = "head_pos"
-    base, source = patching.base_and_source(prompts.clean_tokens, prompts.corrupted_tokens, "denoising")
+    base, source, metric = task.base, task.source, task.metric
     n_positions = base.shape[1]
     results: dict = {
         "schema_version": SCHEMA_VERSION,
@@ -763,12 +750,8 @@ def run_benchmark(
         },
     }
 
-    def exact_ours(engine="auto", tokens=base, src=source, positions=None, fam=family, metric=metric):
-        replacements = patching.replacement_activations(model, fam, kind="patch", base_tokens=tokens, source_tokens=src)
-        return patching.exact_sweep(model, tokens, metric, replacements, fam, engine=engine, positions=positions)
-
-    def attribution_ours(tokens=base, src=source, fams=(family,), metric=metric):
-        return patching.attribution_sweeps(model, tokens, metric, list(fams), kind="patch", source_tokens=src)
+    exact_ours = lambda **kwargs: exact_ours_for(model, task, **kwargs)  # noqa: E731
+    attribution_ours = lambda families=(family,): attribution_ours_for(model, task, families)  # noqa: E731
 
     log(f"model {results['model']['path']}: {n_prompts} prompts x {n_positions} positions, {torch.get_num_threads()} torch threads")
     fast, _ = time_interleaved(
@@ -777,7 +760,7 @@ def run_benchmark(
             "floor_full": lambda: floor_run(model, source, base, metric, frozen=False),
             "floor_bare": lambda: bare_floor_run(bare, source, base, metric),
             "attribution_ours": attribution_ours,
-            "attribution_ours_all_families": lambda: attribution_ours(fams=list(patching.FAMILIES)),
+            "attribution_ours_all_families": lambda: attribution_ours(patching.FAMILIES),
         },
         repeats,
     )
@@ -787,10 +770,10 @@ def run_benchmark(
         {
             "exact_ours": exact_ours,
             "exact_transformer_lens": lambda: tl_exact(model, base, source, metric, family),
-            "exact_peer_transformers": lambda: peer_exact_head_pos(bare, base, source, prompts.end_position, read_metric_for(prompts)),
+            "exact_peer_transformers": lambda: peer_exact_head_pos(bare, base, source, task.read_position, task.metric_at_read),
             "exact_ours_loop": lambda: exact_ours(engine="loop"),
             "exact_ours_stacked": lambda: exact_ours(engine="stacked"),
-            "attribution_transformer_lens": lambda: tl_attribution(model, prompts, metric_for),
+            "attribution_transformer_lens": lambda: tl_attribution(model, task.prompts, metric_for),
         },
         slow_repeats,
     )
@@ -812,7 +795,7 @@ def run_benchmark(
         theirs = TL_EXACT[family][1](kept["exact_transformer_lens"]) - base_value
         agreement["exact_ours_vs_transformer_lens_max_abs"] = (ours - theirs).abs().max().item()
         agreement["exact_loop_vs_transformer_lens_max_abs"] = (loop - theirs).abs().max().item()
-    attribution = attribution_ours(fams=("head_pos", "mlp_pos"))
+    attribution = attribution_ours(("head_pos", "mlp_pos"))
     if timings["attribution_transformer_lens"]["available"]:
         theirs = kept["attribution_transformer_lens"]
         for fam in ("head_pos", "mlp_pos"):
@@ -848,7 +831,7 @@ def run_benchmark(
     if families:
         for fam in patching.FAMILIES:
             function_name, to_ours = TL_EXACT.get(fam, (None, None))
-            calls = {"ours": lambda: exact_ours(fam=fam), "attribution": lambda: attribution_ours(fams=(fam,))}
+            calls = {"ours": lambda: exact_ours(family=fam), "attribution": lambda: attribution_ours((fam,))}
             if function_name is not None:
                 calls["transformer_lens"] = lambda: tl_exact(model, base, source, metric, fam)
             timed, values = time_interleaved(calls, 1)
@@ -879,7 +862,7 @@ def run_benchmark(
     scaling: dict = {"prompts": [], "positions": []}
     scaling_repeats = repeats
     sizes = measure_sizes(
-        model, bare, model_path, seed=seed, repeats=repeats, n_prompts=n_prompts, scaling_prompts=scaling_prompts,
+        model, bare, seed=seed, repeats=repeats, n_prompts=n_prompts, scaling_prompts=scaling_prompts,
         extra_positions=extra_positions, two_thread_prompts=two_thread_prompts,
         gpt2_small_prompts=gpt2_small_prompts, gpt2_small_repeats=gpt2_small_repeats, log=log,
     )

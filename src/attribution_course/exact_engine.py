@@ -24,8 +24,9 @@ The engine checks itself against the bridge on the base run
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -232,6 +233,12 @@ class PrefixRunner:
             self.base_activations[self.family.hook_name(layer)] = sites[self.site]
         return self._unembed(resid)
 
+    def _keys_values_before(self, layer: int, rows: slice, first: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The base run's keys and values at positions before ``first`` (``None`` when there are none)."""
+        if not first:
+            return None, None
+        return self.base_keys[layer][rows, :, :first], self.base_values[layer][rows, :, :first]
+
     @staticmethod
     def recomputed_read_positions(first: int, n_positions: int, read_positions: Sequence[int] | None) -> list[int]:
         """The positions ``first..`` whose logits a variant starting at ``first`` must compute."""
@@ -296,8 +303,9 @@ class PrefixRunner:
         start = layer
         if self.patch_is_position_local:
             # the patched block at position `first` only (its keys and values before it are the base run's)
-            before = (self.base_keys[layer][rows, :, :first], self.base_values[layer][rows, :, :first]) if first else (None, None)
-            patched, _, _, _ = self._block(layer, repeat(self.base_resid[layer][rows, first : first + 1]), positions[:1], *before, patch=patch)
+            patched, _, _, _ = self._block(
+                layer, repeat(self.base_resid[layer][rows, first : first + 1]), positions[:1], *self._keys_values_before(layer, rows, first), patch=patch
+            )
             if layer == n_layers - 1:
                 # only position `first` changed: every other position's logits are the base run's
                 logits = repeat(self.base_logits[rows][:, computed])
@@ -310,10 +318,7 @@ class PrefixRunner:
             resid = repeat(self.base_resid[layer][rows, first:])
         queries = None
         for current in range(start, n_layers):
-            if first:
-                before = (self.base_keys[current][rows, :, :first], self.base_values[current][rows, :, :first])
-            else:
-                before = (None, None)
+            before = self._keys_values_before(current, rows, first)
             if current == n_layers - 1 and read_positions is not None:
                 queries = torch.tensor(computed, dtype=torch.long) - first
             # the block after a position-local patch: only position `first` enters it changed
@@ -390,6 +395,17 @@ def variant_logits(
         yield shown.buffer
 
 
+@contextmanager
+def torch_threads(n: int):
+    """Run the body with ``n`` torch threads, then restore the count it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def over_threads(work: Callable[[list], list], passes: list, threads: int) -> list:
     """``work(share)`` for ``threads`` interleaved shares of ``passes``, concatenated.
 
@@ -401,18 +417,13 @@ def over_threads(work: Callable[[list], list], passes: list, threads: int) -> li
     if threads <= 1 or len(passes) < 2:
         return work(passes)
     shares = [passes[i::threads] for i in range(threads)]
-    before = torch.get_num_threads()
 
     def one_torch_thread(share):
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # per worker: OpenMP keeps the thread count per calling thread
         return work(share)
 
-    torch.set_num_threads(1)
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return [item for part in pool.map(one_torch_thread, shares) for item in part]
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(1), ThreadPoolExecutor(max_workers=threads) as pool:
+        return [item for part in pool.map(one_torch_thread, shares) for item in part]
 
 
 #: How closely the functional forward must reproduce the bridge before it is trusted.

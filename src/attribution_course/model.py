@@ -74,7 +74,6 @@ def head_labels(model) -> list[str]:
     return [f"L{l}H{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
 
 
-
 #: GPT-2 small's sizes (12 layers, 12 heads, d_model 768, 50,257-token vocabulary).
 GPT2_SMALL_SIZES = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50257)
 

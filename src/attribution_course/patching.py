@@ -595,32 +595,32 @@ def exact_sweep(
         base_value = metric(base_logits).item()
         read_positions = positions_read_by(metric, base_logits) if metric_positions == "auto" else metric_positions
         if engine == "prefix":
-            shown = exact_engine.VariantLogits(base_logits, read_positions)
 
             def rows_per_pass(first: int) -> int:
                 if variants_per_pass is not None:
                     return variants_per_pass * batch
                 return runner.rows_per_pass(first, read_positions, memory_budget_bytes)
 
-            def logits_of(layer, first, chunk_components, shown=shown):
+            def logits_of(layer, first, chunk_components, shown):
                 return exact_engine.variant_logits(runner, shown, layer, first, chunk_components, read_positions, rows_per_pass(first))
 
             chunks = _chunks(fam, components, lambda first: max(1, rows_per_pass(first) // batch), by_first_position=True)
         else:
             bridge_variants = variants_per_pass or max(1, _bridge_rows_per_pass(model, n_positions, memory_budget_bytes) // batch)
 
-            def logits_of(layer, first, chunk_components):
+            def logits_of(layer, first, chunk_components, shown):
                 return _bridge_variant_logits(model, base_tokens, replacements, fam, layer, chunk_components)
 
             chunks = _chunks(fam, components, lambda first: 1 if engine == "loop" else bridge_variants, by_first_position=False)
         bar = tqdm(total=len(chunks), disable=not progress, desc=f"exact {fam.name}")
 
-        def metric_values(share, own_buffer=False):
+        def metric_values(share):
             """``(component row, M(patched))`` for every variant of the passes in ``share``."""
             values = []
-            kwargs = {"shown": exact_engine.VariantLogits(base_logits, read_positions)} if own_buffer else {}
+            # a buffer per share: shares may run in parallel threads
+            shown = exact_engine.VariantLogits(base_logits, read_positions) if engine == "prefix" else None
             for layer, first, members in share:
-                for row, logits in zip(members, logits_of(layer, first, components[members][:, 1:], **kwargs)):
+                for row, logits in zip(members, logits_of(layer, first, components[members][:, 1:], shown)):
                     value = metric(logits).item()
                     if math.isnan(value) and not math.isnan(base_value):
                         raise RuntimeError(
@@ -631,13 +631,10 @@ def exact_sweep(
                 bar.update(1)
             return values
 
-        if engine == "prefix":
-            # the prefix engine's passes are independent: with n torch threads, n Python threads run
-            # their own share of passes (one torch thread each), since its small matrix products
-            # leave a second intra-op thread mostly idle
-            values = exact_engine.over_threads(lambda share: metric_values(share, own_buffer=True), chunks, torch.get_num_threads())
-        else:
-            values = metric_values(chunks)
+        # the prefix engine's passes are independent: with n torch threads, n Python threads run
+        # their own share of passes (one torch thread each), since its small matrix products
+        # leave a second intra-op thread mostly idle
+        values = exact_engine.over_threads(metric_values, chunks, torch.get_num_threads() if engine == "prefix" else 1)
         bar.close()
         for row, value in values:
             effects[tuple(components[row].tolist())] = value - base_value
