@@ -244,3 +244,72 @@ def test_correct_work_written_unusually_gets_full_marks(hostile_batch):
     rows, *_ = hostile_batch
     for who in ("merged_cell", "own_check_call", "output_inside"):
         assert verdicts_of(rows, who) == ["passed"] * 4, (who, [rows[(f"{who}/{STEM}.ipynb", i)]["detail"] for i in IDS])
+
+
+# ---------------------------------------------------------------- stated requirements (chapter 5), observed apart
+
+CH5 = "05_first_order_approximation"
+FORGED_REQUIREMENTS = """import attribution_course.grading.checks as k, attribution_course.grading.requirements as r
+k.check_requirements = r.check_requirements = lambda *args, **kwargs: []  # "no problems"
+r.OBSERVERS = {}
+"""
+UNUSUAL_CACHE = """%time SCALE = 1.0
+SCALE = 1.0
+
+
+def detached(t):
+    print("caching", tuple(t.shape))
+    return t.detach() * SCALE
+
+
+@torch.no_grad()
+def cache_activations(model, tokens, names):
+    _, cache = model.run_with_cache(tokens, names_filter=lambda name: name in names)
+    return {name: detached(cache[name]) for name in names}
+"""
+
+
+def requirement_submissions(folder: Path) -> None:
+    cells = exercise_cells(CH5)
+    bodies = solution_bodies(CH5)
+    cache_body, gradients_body = bodies[cells["5.1"]], bodies[cells["5.2"]]
+    body = lambda lines: [line[4:] for line in lines]  # noqa: E731 - learner_notebook indents the lines itself
+    attached = "\n".join(cache_body).replace(".detach()", "").replace("with torch.no_grad():", "if True:")
+    kept = [line for line in gradients_body if "zero_grad" not in line]
+    # a forger: both requirements broken, and the in-kernel checks replaced, in a cell of its own and in the function's
+    forger = learner_notebook(CH5, {"5.1": body(attached.split("\n")), "5.2": body(kept)})
+    forger.cells[cells["5.2"]].source = FORGED_REQUIREMENTS + forger.cells[cells["5.2"]].source
+    forger.cells.insert(cells["5.1"], nbformat.v4.new_code_cell(FORGED_REQUIREMENTS))
+    write(forger, folder / "forger" / f"{CH5}.ipynb")
+    # code that reaches for the grader from inside the function: refused, and said where
+    reacher = learner_notebook(CH5, {"5.1": ["import attribution_course.grading.requirements as r", *body(cache_body)],
+                                     "5.2": None})
+    write(reacher, folder / "reacher" / f"{CH5}.ipynb")
+    # correct work written unusually: a decorator, helpers and constants in other cells, a magic, prints
+    unusual = learner_notebook(CH5, {"5.2": body(["    clear(model)" if "zero_grad" in l else l for l in gradients_body])})
+    unusual.cells[cells["5.1"]].source = UNUSUAL_CACHE
+    unusual.cells.insert(cells["5.2"], nbformat.v4.new_code_cell("def clear(model):\n    model.zero_grad(set_to_none=True)"))
+    write(unusual, folder / "unusual" / f"{CH5}.ipynb")
+
+
+@pytest.fixture(scope="module")
+def requirement_batch(tmp_path_factory, sandbox_or_skip):
+    folder = tmp_path_factory.mktemp("requirements")
+    out = tmp_path_factory.mktemp("requirement-grades")
+    requirement_submissions(folder)
+    grader.grade_batch(folder, out / "grades.csv", workers=2, timeout=900, cell_timeout=300, progress=False)
+    return rows_by(out / "grades.csv")
+
+
+def test_requirements_are_observed_where_the_notebook_cannot_forge_them(requirement_batch):
+    rows = requirement_batch
+    row = lambda who, exercise: rows[(f"{who}/{CH5}.ipynb", exercise)]  # noqa: E731
+    assert row("forger", "5.1")["verdict"] == "wrong", row("forger", "5.1")
+    assert "keeps the model's computation graph" in row("forger", "5.1")["detail"]
+    assert row("forger", "5.2")["verdict"] == "wrong", row("forger", "5.2")
+    assert "model.zero_grad(set_to_none=True)" in row("forger", "5.2")["detail"]
+    assert row("reacher", "5.1")["verdict"] == "wrong", row("reacher", "5.1")
+    assert "imports attribution_course.grading.requirements" in row("reacher", "5.1")["detail"]
+    assert row("reacher", "5.2")["verdict"] == "passed", row("reacher", "5.2")
+    assert [row("unusual", e)["verdict"] for e in ("5.1", "5.2")] == ["passed", "passed"], \
+        [row("unusual", e)["detail"] for e in ("5.1", "5.2")]

@@ -328,14 +328,64 @@ def test_stated_requirements_are_checked_and_explained(model):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_requirement_problems_fail_the_verdict_and_a_missing_check_too():
-    ref = notebooks.load_reference("05_first_order_approximation", ex.EXERCISES_DIR)[0]
-    expected = {"expected": 1.0, "hidden": [], "atol": 1e-6, "rtol": 0.0, "what": "cached activations"}
-    base = {"status": RETURNED, "value": 1.0, "detail": "", "hidden": []}
-    assert verdicts.decide(ref, expected, {**base, "requirements": []}, None, 60).verdict == verdicts.V_PASSED
-    broken = verdicts.decide(ref, expected, {**base, "requirements": ["requirement not met: x"]}, None, 60)
-    assert broken.verdict == verdicts.V_WRONG and broken.detail == "requirement not met: x"
-    assert verdicts.decide(ref, expected, base, None, 60).verdict == verdicts.V_WRONG  # the recorder was replaced
+def test_requirement_observations_are_judged_in_the_grader_and_a_missing_one_fails():
+    passed = lambda exercise: verdicts.ExerciseResult(exercise, "f", verdicts.V_PASSED, 1, 1)  # noqa: E731
+    results = [passed("5.1"), passed("5.2"), verdicts.ExerciseResult("5.1", "f", verdicts.V_WRONG, 0, 1, "values")]
+    verdicts.apply_requirements(results[:1], {"5.1": {"status": RETURNED, "attached": []}})
+    assert results[0].verdict == verdicts.V_PASSED and results[0].points == 1
+    observed = {"5.1": {"status": RETURNED, "attached": ["['blocks.0.hook_z']"]},
+                "5.2": "the requirement could not be checked: code cell 3, line 2: uses sys"}
+    verdicts.apply_requirements(results, observed)
+    assert [r.verdict for r in results] == [verdicts.V_WRONG] * 3 and [r.points for r in results] == [0, 0, 0]
+    assert "keeps the model's computation graph" in results[0].detail and "uses sys" in results[1].detail
+    assert results[2].detail == "values"  # wrong values stay explained by the values
+    # an observation that is missing its facts, or of a function that did not return, is a problem too
+    for observation in ({}, {"status": RETURNED}, {"status": "raised", "detail": "raised NameError: x"}):
+        result = [passed("5.2")]
+        verdicts.apply_requirements(result, {"5.2": observation})
+        assert result[0].verdict == verdicts.V_WRONG and "could not be checked" in result[0].detail, observation
+
+
+PROBE_NOTEBOOK = [
+    "import torch\nfrom jaxtyping import Int\nimport attribution_course.grading.checks as k\nk.submit = None",
+    "%time x = 1\nSCALE = 2.0\nNAMES = sorted(['a'])\n_unused = [1, 2]",
+    "def helper(t):\n    return t.detach() * SCALE / 2\n\ndef unrelated():\n    import os\n    return os.getpid()",
+    "@torch.no_grad()\ndef cache_activations(model, tokens: Int[torch.Tensor, 'b p'], names):\n"
+    "    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)\n"
+    "    return {n: helper(cache[n]) for n in names}",
+]
+
+
+def test_the_requirement_probe_picks_only_the_definitions_the_function_needs():
+    from attribution_course.grading.requirement_probe import learner_definitions
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in PROBE_NOTEBOOK])
+    picked = [(s.cell, s.line, s.text.split("\n")[0]) for s in learner_definitions(nb, "cache_activations")]
+    assert picked == [(1, 1, "import torch"), (1, 2, "from jaxtyping import Int"), (2, 2, "SCALE = 2.0"),
+                      (3, 1, "def helper(t):"), (4, 1, "@torch.no_grad()")], picked
+    # not picked: the cell that replaces the recorder, the call (NAMES), the magic, what nothing uses
+
+
+@pytest.mark.parametrize("body, words", [
+    ("return sys._getframe(1)", "line 3: uses ._getframe"),
+    ("return sys.modules", "line 3: uses sys"),
+    ("import sys\n    return 1", "line 3: imports sys"),
+    ("return getattr(torch, 'zeros')(1)", "line 3: uses getattr"),
+    ("import attribution_course.grading.requirements as r\n    return r", "imports attribution_course.grading.requirements"),
+    ("return model.__class__", "uses .__class__"),
+    ("return torch.Tensor._make_subclass", "uses ._make_subclass"),
+    ("import ctypes\n    return 1", "imports ctypes"),
+    ("return __builtins__", "uses __builtins__"),
+    ("return torch.hub.load('.', 'x', source='local')", "uses .hub"),
+])
+def test_the_requirement_probe_refuses_code_that_reaches_into_the_interpreter(body, words):
+    from attribution_course.grading.requirement_probe import Refused, learner_definitions
+
+    source = f"import torch\ndef cache_activations(model, tokens, names):\n    {body}"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(source)])
+    with pytest.raises(Refused, match="code cell 2, ") as refused:
+        learner_definitions(nb, "cache_activations")
+    assert words in str(refused.value)
 
 
 def test_a_restart_reruns_setup_and_definitions_but_not_the_stopping_cell_or_graded_exercises():

@@ -18,7 +18,9 @@ That line is feedback only: no grade is decided in a learner's kernel. The grade
 
 * in the learner's copy the call becomes :func:`submit`, without the ``expected=``
   argument, so it only calls the learner's function and saves what it returned (also
-  on the exercise's hidden inputs, :mod:`attribution_course.grading.hidden`);
+  on the exercise's hidden inputs, :mod:`attribution_course.grading.hidden`); stated
+  requirements are observed apart, in a run with only the learner's definitions
+  (:mod:`attribution_course.grading.requirement_probe`);
 * in the reference copy (the solutions notebook, run in a separate process) it becomes
   :func:`record_reference`, which saves the expected value and the tolerances.
 
@@ -132,8 +134,7 @@ def submit(exercise: str, function: Callable[..., Any], *args: Any, name: str | 
     """Learner's copy: call the learner's function and save what it returned (no verdict here)."""
     label = name or getattr(function, "__name__", "function")
     status, got, detail = call_learner_function(function, args, kwargs)
-    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None, "hidden": [],
-              "requirements": []}
+    record = {"exercise": exercise, "name": label, "status": status, "detail": detail, "value": None, "hidden": []}
     if status == RETURNED:
         try:
             record["value"] = plain_value(got)
@@ -148,7 +149,8 @@ def submit(exercise: str, function: Callable[..., Any], *args: Any, name: str | 
             except TypeError as err:
                 status, value, detail = RAISED, None, f"returned {err}, which cannot be graded"
             record["hidden"].append({"status": status, "value": value, "detail": detail})
-        record["requirements"] = check_requirements(exercise, lambda: call_learner_function(function, args, kwargs), args)
+    # stated requirements (requirements.py) are not observed here, where every other cell of the notebook
+    # has run, but by the grader's requirement probe (requirement_probe.py)
     _save(exercise, record)
     print(f"ex {exercise} {label}: submitted for grading")
 

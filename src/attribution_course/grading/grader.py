@@ -47,10 +47,12 @@ from .gradebook import (
 from .notebooks import (
     identify, load_reference, prepare_learner_copy, prepare_reference_copy, restart_copy, writable_text,
 )
+from .requirement_probe import observe_outside
+from .requirements import REQUIREMENTS
 from .runner import run_nbval
 from .verdicts import (
-    DEAD_BEFORE, DIED_HERE, NOT_INTERRUPTIBLE, V_NOT_GRADED, ExerciseResult, decide, exception_summary, short,
-    valid_reference,
+    DEAD_BEFORE, DIED_HERE, NOT_INTERRUPTIBLE, V_NOT_GRADED, V_PASSED, ExerciseResult, apply_requirements, decide,
+    exception_summary, short, valid_reference,
 )
 
 DEFAULT_TIMEOUT = 300  # least wall-clock seconds per notebook run, unless given
@@ -58,6 +60,7 @@ WALL_SCALE = 4  # ... or this many times the reference run's wall-clock time, if
 DEFAULT_CELL_TIMEOUT = 60  # least CPU seconds per cell (wall clock: 10 times that); then the kernel is interrupted
 CPU_SCALE = 5  # a learner's cell may use this many times the CPU time of the reference run's heaviest cell
 REFERENCE_TIMEOUT = 900  # seconds for a reference run (trusted code; a slow machine must not fail it)
+PROBE_CPU_SECONDS = 60  # the requirement probe's set-up (model, prompts), plus three calls' worth of cell limits
 MAX_RESTARTS = 3  # fresh kernels after a cell killed or hung one, so that later exercises are still graded
 
 
@@ -164,6 +167,12 @@ def grade_notebook(
                             extra_env=references.env)
     outcome, records, reports, run_notes = _run_with_restarts(run, graded_nb, graded_cells)
     results = [decide(r, expected.get(r.id), records.get(r.id), reports.get(r.id), cell_limit) for r in reference]
+    # stated requirements, for exercises whose values are right, in a run with only the learner's definitions
+    pending = {r.exercise: r.name for r in results if r.exercise in REQUIREMENTS and r.verdict == V_PASSED}
+    if pending:
+        apply_requirements(results, observe_outside(
+            learner, read_notebook(exercises_dir / f"{stem}.ipynb"), pending, timeout=timeout,
+            cpu_seconds=PROBE_CPU_SECONDS + 3 * cell_limit, sandboxed=sandboxed, extra_env=references.env))
     notes = [identity_note] if identity_note else []
     notes += [f"the graded cell of exercise {m} was missing; the reference check was appended at the end" for m in missing]
     for number, (status, message) in sorted(outcome.cells.items()):

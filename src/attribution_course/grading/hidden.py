@@ -104,9 +104,9 @@ def _shipped_model():
 class _Draw:
     """What one exercise's generator needs: the random generator, the model and its sizes."""
 
-    def __init__(self, g: torch.Generator):
+    def __init__(self, g: torch.Generator, model=None):
         self.g = g
-        self.model = _model()
+        self.model = model if model is not None else _model()
         cfg = self.model.cfg
         self.n_layers, self.n_heads, self.d_head, self.d_model = cfg.n_layers, cfg.n_heads, cfg.d_head, cfg.d_model
         self.z_names = [f"blocks.{l}.attn.hook_z" for l in range(self.n_layers)]
@@ -371,14 +371,15 @@ WITH_MODEL: dict[str, Callable[[_Draw], list[tuple]]] = {
 EXERCISES = frozenset(PLAIN) | frozenset(WITH_MODEL)
 
 
-def hidden_inputs(exercise: str, seed: int | str | None = None) -> list[tuple]:
+def hidden_inputs(exercise: str, seed: int | str | None = None, model=None) -> list[tuple]:
     """The hidden argument tuples of ``exercise`` for this grading run (empty: none, or no seed set).
 
-    ``seed`` defaults to the grading run's (``ATTRIBUTION_COURSE_HIDDEN_SEED``)."""
+    ``seed`` defaults to the grading run's (``ATTRIBUTION_COURSE_HIDDEN_SEED``); ``model``, to the
+    notebook's ``model`` (else the shipped model is loaded)."""
     seed = os.environ.get(SEED_ENV) if seed is None else seed
     if exercise not in EXERCISES or seed is None:
         return []
     g = torch.Generator().manual_seed(int(seed) * 1000 + sum(map(ord, exercise)))
     if exercise in PLAIN:
         return PLAIN[exercise](g)
-    return WITH_MODEL[exercise](_Draw(g))
+    return WITH_MODEL[exercise](_Draw(g, model))

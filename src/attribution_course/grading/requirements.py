@@ -1,4 +1,4 @@
-"""Requirements an exercise states besides its return value, checked in the run that calls the function.
+"""Requirements an exercise states besides its return value.
 
 * 5.1 ``cache_activations``: "store detached tensors and run without gradients": no cached
   tensor may require grad or carry a ``grad_fn`` (it would keep the whole graph alive);
@@ -6,85 +6,178 @@
   model may hold a non-zero ``.grad`` after the call, and a second call on the same input
   must return the same gradients (nothing accumulated across calls).
 
-Each check gets a ``call()`` that runs the learner's function once on the exercise's input
-(as :func:`~attribution_course.grading.checks.call_learner_function` does: status, value,
-detail) and that input's arguments; it returns a problem a learner can act on, or ``""``.
-In a grading run the result is saved with the function's values and the verdict, decided
-in the grader's process, fails the exercise on any problem.
+A requirement is a yes/no fact about how the function behaves, so it is checked in two steps
+that can run in different processes:
+
+* an **observer** (``OBSERVERS``) calls the learner's function and records plain facts (which
+  returned tensors are attached to a graph, which parameters kept a gradient, how far a second
+  call's values are from the first's). In a grading run it runs in the requirement probe
+  (:mod:`.requirement_probe`): a fresh sandboxed process in which only the learner's
+  definitions exist, never the rest of the notebook. The facts are read through C-level
+  accessors taken when this module is imported, before any learner code is defined, so a
+  learner who replaces ``torch.Tensor.requires_grad`` or ``torch.allclose`` changes nothing;
+* a **judge** (``JUDGES``) turns the facts into a problem a learner can act on, or ``""``.
+  The grader calls it in its own process.
+
+:func:`check_requirements` runs both in one process: the learner's own ``check()`` gives the
+same feedback with it (feedback only, never a grade).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 RETURNED = "returned"  # the status call_learner_function gives a function that returned (re-exported by checks)
 
 Call = Callable[[], tuple[str, Any, str]]
 
+# Taken at import, before learner code exists: C-level accessors that Python-level patches cannot reach.
+_TensorBase = torch._C.TensorBase
+_requires_grad = _TensorBase.requires_grad.__get__
+_grad_fn = _TensorBase.grad_fn.__get__
+_grad = _TensorBase.grad.__get__
+_set_grad = _TensorBase.grad.__set__
+_detach = _TensorBase.detach
+_to_numpy = _TensorBase.numpy
+_contiguous_cpu = _TensorBase.cpu
+_no_torch_function = torch._C.DisableTorchFunction
+_enable_grad = torch.enable_grad
+_count_nonzero = np.count_nonzero
+_as_float64 = np.asarray
+_Tensor = torch.Tensor
+_RTOL, _ATOL = 1e-5, 1e-7  # a second call must give the same gradients up to float noise
+
 
 def _tensors(value: Any, path: str = ""):
     """``(where, tensor)`` for every tensor in ``value`` (dicts, lists and tuples are walked)."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, _Tensor):
         yield path or "the result", value
-    elif isinstance(value, dict):
-        for key, item in value.items():
+    elif type(value) is dict:
+        for key, item in dict.items(value):
             yield from _tensors(item, f"{path}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
+    elif type(value) in (list, tuple):
         for index, item in enumerate(value):
             yield from _tensors(item, f"{path}[{index}]")
 
 
-def activations_detached(call: Call, args: tuple) -> str:
-    """5.1: with gradients enabled (as in a notebook), nothing returned keeps the autograd graph."""
-    with torch.enable_grad():
-        status, got, _ = call()
+def _array(tensor) -> np.ndarray:
+    with _no_torch_function():
+        return _as_float64(_to_numpy(_contiguous_cpu(_detach(tensor))), dtype=np.float64)
+
+
+# ---------------------------------------------------------------- observers (where the function runs)
+
+
+def observe_attached(call: Call, parameters: list[tuple[str, Any]]) -> dict:
+    """5.1: with gradients enabled (as in a notebook), which returned tensors keep the autograd graph."""
+    with _enable_grad():
+        status, got, detail = call()
     if status != RETURNED:
-        return ""  # the values' verdict already explains a function that raised
-    attached = [where for where, tensor in _tensors(got) if tensor.requires_grad or tensor.grad_fn is not None]
+        return {"status": status, "detail": detail}
+    attached = [where for where, t in _tensors(got) if _requires_grad(t) or _grad_fn(t) is not None]
+    return {"status": status, "attached": attached}
+
+
+def observe_gradients(call: Call, parameters: list[tuple[str, Any]]) -> dict:
+    """5.2: which parameters hold a non-zero gradient after a call, and how far a second call's
+    values are from the first's (``excess``: largest ``|a - b| - rtol |b|``; ``None``: the same)."""
+    for _, p in parameters:
+        _set_grad(p, None)
+    status, first, detail = call()
+    if status != RETURNED:
+        return {"status": status, "detail": detail}
+    kept = [name for name, p in parameters if (g := _grad(p)) is not None and _count_nonzero(_array(g))]
+    for _, p in parameters:
+        _set_grad(p, None)
+    observation = {"status": status, "kept": kept, "second_status": None, "differs_at": None, "excess": 0.0}
+    if kept:
+        return observation
+    second_status, second, detail = call()
+    observation["second_status"] = second_status
+    if second_status != RETURNED:
+        observation["detail"] = detail
+        return observation
+    firsts, seconds = list(_tensors(first)), list(_tensors(second))
+    if [w for w, _ in firsts] != [w for w, _ in seconds]:
+        observation.update(differs_at="the structure of the result", excess=float("inf"))
+        return observation
+    for (where, a), (_, b) in zip(firsts, seconds):
+        a, b = _array(a), _array(b)
+        excess = float("inf") if a.shape != b.shape else float(np.max(np.abs(a - b) - _RTOL * np.abs(b), initial=0.0))
+        if not excess <= observation["excess"]:  # also catches nan
+            observation.update(differs_at=where, excess=excess)
+    return observation
+
+
+OBSERVERS: dict[str, Callable[[Call, list], dict]] = {"5.1": observe_attached, "5.2": observe_gradients}
+
+
+# ---------------------------------------------------------------- judges (in the grader's process)
+
+
+def _not_run(observation: dict, status_key: str = "status") -> str:
+    """A function that did not return where the requirement was observed leaves it unchecked: a problem."""
+    if observation.get(status_key) == RETURNED:
+        return ""
+    detail = observation.get("detail")
+    return ("the requirement could not be checked: called on its own, the function "
+            + (detail if isinstance(detail, str) and detail else "did not return"))
+
+
+def _unchecked(observation: dict, facts: str) -> str:
+    """A problem if the function did not return or the observation lacks its ``facts`` (a list)."""
+    if problem := _not_run(observation):
+        return problem
+    if not isinstance(observation.get(facts), list):
+        return "the requirement could not be checked: no observation was recorded"
+    return ""
+
+
+def judge_attached(observation: dict) -> str:
+    if problem := _unchecked(observation, "attached"):
+        return problem
+    attached = observation["attached"]
     if not attached:
         return ""
-    shown = ", ".join(attached[:3]) + (f" and {len(attached) - 3} more" if len(attached) > 3 else "")
+    shown = ", ".join(map(str, attached[:3])) + (f" and {len(attached) - 3} more" if len(attached) > 3 else "")
     return (f"requirement not met: the cached tensors still require grad ({shown}), so the cache keeps the model's "
             "computation graph alive; store activation.detach() and run the model under torch.no_grad()")
 
 
-def gradients_cleared(call: Call, args: tuple) -> str:
-    """5.2: no parameter keeps a gradient after the call, and a second call returns the same gradients."""
-    model = args[0] if args else None
-    parameters = list(model.named_parameters()) if hasattr(model, "named_parameters") else []
-    for _, p in parameters:
-        p.grad = None
-    status, first, _ = call()
-    if status != RETURNED:
-        return ""
-    kept = [name for name, p in parameters if p.grad is not None and bool(p.grad.ne(0).any())]
-    for _, p in parameters:
-        p.grad = None
+def judge_gradients(observation: dict) -> str:
+    if problem := _unchecked(observation, "kept"):
+        return problem
+    kept = observation["kept"]
     if kept:
         return (f"requirement not met: after the call {len(kept)} parameters of the model still hold gradients "
                 f"(e.g. {kept[0]}); they would add up over calls: call model.zero_grad(set_to_none=True) after .backward()")
-    status, second, _ = call()
-    if status != RETURNED:
-        return ""
-    for (where, a), (_, b) in zip(_tensors(first), _tensors(second)):
-        if a.shape != b.shape or not torch.allclose(a.detach().double(), b.detach().double(), rtol=1e-5, atol=1e-7):
-            return (f"requirement not met: a second call on the same input returned different gradients at {where} "
-                    "(are gradients accumulated across calls, e.g. added to a dict that outlives the call?)")
+    if problem := _not_run(observation, "second_status"):
+        return problem
+    excess = observation.get("excess")
+    if not isinstance(excess, (int, float)) or not excess <= _ATOL:
+        return (f"requirement not met: a second call on the same input returned different gradients at "
+                f"{observation.get('differs_at')} (are gradients accumulated across calls, e.g. added to a dict that "
+                "outlives the call?)")
     return ""
 
 
-REQUIREMENTS: dict[str, Callable[[Call, tuple], str]] = {
-    "5.1": activations_detached,
-    "5.2": gradients_cleared,
-}
+JUDGES: dict[str, Callable[[dict], str]] = {"5.1": judge_attached, "5.2": judge_gradients}
+REQUIREMENTS = frozenset(OBSERVERS)
+
+
+def parameters_of(args: tuple) -> list[tuple[str, Any]]:
+    """The model's parameters (the first argument), listed before the learner's function runs."""
+    model = args[0] if args else None
+    return list(model.named_parameters()) if hasattr(model, "named_parameters") else []
 
 
 def check_requirements(exercise: str, call: Call, args: tuple) -> list[str]:
-    """The problems with ``exercise``'s stated requirements (empty: met, or none stated)."""
-    requirement = REQUIREMENTS.get(exercise)
-    if requirement is None:
+    """The problems with ``exercise``'s stated requirements, observed and judged in this process
+    (the learner's own check; empty: met, or none stated)."""
+    if exercise not in OBSERVERS:
         return []
-    problem = requirement(call, args)
+    problem = JUDGES[exercise](OBSERVERS[exercise](call, parameters_of(args)))
     return [problem] if problem else []

@@ -7,6 +7,7 @@ read with care: regular files only (no symlinks), bounded sizes, ``torch.load`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -44,49 +45,67 @@ def run_nbval(
     sandboxed: bool = True, limits: sandbox.Limits = sandbox.Limits(), extra_env: dict[str, str] | None = None,
 ) -> RunOutcome:
     """Run ``nb`` with nbval in a fresh kernel (in its own sandbox unless ``sandboxed=False``)."""
-    host_dir = Path(tempfile.mkdtemp(prefix="grade-"))
-    try:
-        workdir = host_dir / "run"  # the only folder the run sees, as /grading
-        (workdir / "results").mkdir(parents=True)
+    with run_folder() as workdir:
+        (workdir / "results").mkdir()
         nbformat.write(nb, str(workdir / "submission.ipynb"))
         inside = Path(sandbox.SANDBOX_WORKDIR) if sandboxed else workdir
-        env = {
-            RESULTS_ENV: str(inside / "results"), CPU_LOG_ENV: str(inside / "cpu.json"),
-            "HF_HUB_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1",
-            "TOKENIZERS_PARALLELISM": "false",
-            # the model is tiny: one thread per kernel is faster than several spin-waiting on a busy machine
-            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **(extra_env or {}),
-        }
+        env = {RESULTS_ENV: str(inside / "results"), CPU_LOG_ENV: str(inside / "cpu.json"), **(extra_env or {})}
         command = [
             sys.executable, "-m", "pytest", "submission.ipynb", "--nbval-lax", "--nbval-current-env",
             f"--nbval-cell-timeout={cell_timeout}", "--nbval-kernel-startup-timeout=600", f"--junitxml={inside / 'junit.xml'}", "-p", "no:cacheprovider",
             "-p", "attribution_course.grading.nbval_watchdog", "-q", "--rootdir", str(inside), "-c", os.devnull,
         ]
-        if sandboxed:
-            uid = sandbox.run_as_uid()
-            sandbox.prepare_workdir(workdir, uid)
-            command = sandbox.sandboxed_command(command, workdir=workdir, env=sandbox.sandbox_env(env), limits=limits, uid=uid)
-            env = {}
-        log_path = host_dir / "output.log"  # outside the sandbox; its size is bounded by the file-size limit
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(
-                command, cwd=workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            timed_out = False
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                timed_out = True
-                _kill(process, sandboxed)
-                process.wait()
-        if not sandboxed:
-            _kill(process, sandboxed)  # whatever the notebook left running
-        output = _read_tail(log_path)
+        returncode, timed_out, output = run_process(command, workdir, env=env, timeout=timeout, threads=threads,
+                                                    sandboxed=sandboxed, limits=limits)
         return RunOutcome(_parse_junit(workdir / "junit.xml"), _read_records(workdir / "results"), timed_out,
-                          process.returncode, output, _read_cpu_log(workdir / "cpu.json"))
+                          returncode, output, _read_cpu_log(workdir / "cpu.json"))
+
+
+@contextlib.contextmanager
+def run_folder():
+    """A fresh working directory for one run (``/grading`` in the sandbox), removed afterwards."""
+    host_dir = Path(tempfile.mkdtemp(prefix="grade-"))
+    try:
+        workdir = host_dir / "run"  # the only folder the run sees; the log beside it stays outside
+        workdir.mkdir()
+        yield workdir
     finally:
         shutil.rmtree(host_dir, ignore_errors=True)
+
+
+def run_process(
+    command: list[str], workdir: Path, *, env: dict[str, str], timeout: float, threads: int = 1,
+    sandboxed: bool = True, limits: sandbox.Limits = sandbox.Limits(),
+) -> tuple[int | None, bool, str]:
+    """Run ``command`` in ``workdir`` (made by :func:`run_folder`), in its own sandbox unless
+    ``sandboxed=False``; returns its exit code, whether it was stopped after ``timeout``
+    wall-clock seconds, and the tail of its output."""
+    env = {
+        "HF_HUB_OFFLINE": "1", "PYDEVD_DISABLE_FILE_VALIDATION": "1", "TOKENIZERS_PARALLELISM": "false",
+        # the model is tiny: one thread per kernel is faster than several spin-waiting on a busy machine
+        "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), **env,
+    }
+    if sandboxed:
+        uid = sandbox.run_as_uid()
+        sandbox.prepare_workdir(workdir, uid)
+        command = sandbox.sandboxed_command(command, workdir=workdir, env=sandbox.sandbox_env(env), limits=limits, uid=uid)
+        env = {}
+    log_path = workdir.parent / "output.log"  # outside the sandbox; its size is bounded by the file-size limit
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            command, cwd=workdir, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        timed_out = False
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill(process, sandboxed)
+            process.wait()
+    if not sandboxed:
+        _kill(process, sandboxed)  # whatever the run left running
+    return process.returncode, timed_out, _read_tail(log_path)
 
 
 def _kill(process: subprocess.Popen, sandboxed: bool) -> None:

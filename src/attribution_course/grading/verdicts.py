@@ -18,7 +18,7 @@ import torch
 from .checks import NOT_ATTEMPTED, RAISED, RETURNED
 from .compare import compare
 from .nbval_watchdog import KERNEL_DIED
-from .requirements import REQUIREMENTS
+from .requirements import JUDGES
 from .notebooks import ReferenceExercise, writable_text
 from .runner import UnreadableRecord
 
@@ -83,7 +83,7 @@ def decide(
     if expected is None:
         return result(V_NOT_GRADED, "the reference run did not record this exercise (a problem of the course, not yours)")
     if submitted is not None:
-        return _judge(ref.id, submitted, expected, result)
+        return _judge(submitted, expected, result)
     status, message = cell or (None, "")
     if status is None:
         return result(V_NOT_GRADED, "the check cell was never run")
@@ -103,7 +103,7 @@ def decide(
     return result(V_WRONG, "the check cell raised " + exception_summary(message))
 
 
-def _judge(exercise: str, submitted, expected: dict, result) -> ExerciseResult:
+def _judge(submitted, expected: dict, result) -> ExerciseResult:
     if isinstance(submitted, UnreadableRecord) or not isinstance(submitted, dict):
         return result(V_WRONG, "the saved result could not be read (it was not written by the grader's recorder)")
     status, detail = submitted.get("status"), submitted.get("detail")
@@ -139,13 +139,19 @@ def _judge(exercise: str, submitted, expected: dict, result) -> ExerciseResult:
         if not ok:
             return result(V_WRONG, f"{where}: {explanation} (right on the notebook's input: a constant, a global "
                                    "used instead of an argument, or a mistake that input does not show?)")
-    if exercise in REQUIREMENTS:  # stated requirements (requirements.py), checked where the function ran
-        problems = submitted.get("requirements")
-        if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
-            return result(V_WRONG, "the exercise's stated requirements were not checked (was the grader's recorder replaced?)")
-        if problems:
-            return result(V_WRONG, "; ".join(problems))
     return result(V_PASSED)
+
+
+def apply_requirements(results: list[ExerciseResult], observed: dict[str, dict | str]) -> None:
+    """Judge the stated requirements (requirements.py) of exercises whose values passed, from what the
+    requirement probe observed (a dict) or why it could not (a str); a problem makes the exercise wrong."""
+    for r in results:
+        if r.exercise not in observed or r.verdict != V_PASSED:
+            continue
+        found = observed[r.exercise]
+        problem = found if isinstance(found, str) else JUDGES[r.exercise](found)
+        if problem:
+            r.verdict, r.points, r.detail = V_WRONG, 0, writable_text(problem)
 
 
 def valid_reference(record) -> dict | None:
