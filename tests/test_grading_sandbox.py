@@ -20,6 +20,7 @@ import attribution_course
 from attribution_course.grading import gradebook, grader, notebooks, runner, sandbox, verdicts
 from attribution_course.grading import generation as ex
 from attribution_course.grading.checks import RETURNED, plain_value
+from attribution_course.grading.requirement_probe import Refused
 
 REPO = ex.REPO_ROOT
 
@@ -331,9 +332,9 @@ def test_stated_requirements_are_checked_and_explained(model):
 def test_requirement_observations_are_judged_in_the_grader_and_a_missing_one_fails():
     passed = lambda exercise: verdicts.ExerciseResult(exercise, "f", verdicts.V_PASSED, 1, 1)  # noqa: E731
     results = [passed("5.1"), passed("5.2"), verdicts.ExerciseResult("5.1", "f", verdicts.V_WRONG, 0, 1, "values")]
-    verdicts.apply_requirements(results[:1], {"5.1": {"status": RETURNED, "attached": []}})
+    verdicts.apply_requirements(results[:1], {"5.1": {"status": RETURNED, "attached": [], "subclassed": []}})
     assert results[0].verdict == verdicts.V_PASSED and results[0].points == 1
-    observed = {"5.1": {"status": RETURNED, "attached": ["['blocks.0.hook_z']"]},
+    observed = {"5.1": {"status": RETURNED, "attached": ["['blocks.0.hook_z']"], "subclassed": []},
                 "5.2": "the requirement could not be checked: code cell 3, line 2: uses sys"}
     verdicts.apply_requirements(results, observed)
     assert [r.verdict for r in results] == [verdicts.V_WRONG] * 3 and [r.points for r in results] == [0, 0, 0]
@@ -348,26 +349,60 @@ def test_requirement_observations_are_judged_in_the_grader_and_a_missing_one_fai
 
 PROBE_NOTEBOOK = [
     "import torch\nfrom jaxtyping import Int\nimport attribution_course.grading.checks as k\nk.submit = None",
-    "%time x = 1\nSCALE = 2.0\nNAMES = sorted(['a'])\n_unused = [1, 2]",
-    "def helper(t):\n    return t.detach() * SCALE / 2\n\ndef unrelated():\n    import os\n    return os.getpid()",
-    "@torch.no_grad()\ndef cache_activations(model, tokens: Int[torch.Tensor, 'b p'], names):\n"
+    "%time x = 1\nSCALE = 2.0\nNAMES = sorted(['a'])\n_unused = [1, 2]\nkeep = lambda t: t.detach()",
+    "def helper(t):\n    io = keep(t)  # a local named like a module\n    return io * SCALE / 2\n\n"
+    "def unrelated():\n    import os\n    return os.getpid()",
+    "import numpy as np; import einops\n@torch.no_grad()\ndef cache_activations(model, tokens: Int[torch.Tensor, 'b p'], names):\n"
     "    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)\n"
-    "    return {n: helper(cache[n]) for n in names}",
+    "    return {n: helper(cache[n]) + 0 * np.zeros(1).sum() for n in names}",
 ]
 
 
-def test_the_requirement_probe_picks_only_the_definitions_the_function_needs():
+def picked(cells: list[str], function: str = "cache_activations", set_up=frozenset()) -> list[tuple[int, int, str]]:
     from attribution_course.grading.requirement_probe import learner_definitions
 
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in PROBE_NOTEBOOK])
-    picked = [(s.cell, s.line, s.text.split("\n")[0]) for s in learner_definitions(nb, "cache_activations")]
-    assert picked == [(1, 1, "import torch"), (1, 2, "from jaxtyping import Int"), (2, 2, "SCALE = 2.0"),
-                      (3, 1, "def helper(t):"), (4, 1, "@torch.no_grad()")], picked
-    # not picked: the cell that replaces the recorder, the call (NAMES), the magic, what nothing uses
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    return [(s.cell, s.line, s.text.split("\n")[0]) for s in learner_definitions(nb, function, set_up)]
+
+
+def test_the_requirement_probe_picks_only_the_definitions_the_function_needs():
+    assert picked(PROBE_NOTEBOOK) == [
+        (1, 1, "import torch"), (1, 2, "from jaxtyping import Int"), (2, 2, "SCALE = 2.0"),
+        (2, 5, "keep = lambda t: t.detach()"), (3, 1, "def helper(t):"), (4, 1, "import numpy as np"),
+        (4, 2, "@torch.no_grad()")]
+    # not picked: the cell that replaces the recorder, the call (NAMES), the magic, what nothing reads;
+    # a local named io is not the module; two statements on one line are both kept
+    assert picked(["%%capture\ndef cache_activations(model, tokens, names):\n    return {}"]) == [
+        (1, 2, "def cache_activations(model, tokens, names):")]  # the body of a %%capture cell is Python
+    assert picked(["%time cache_activations = len"]) == [(1, 1, "cache_activations = len")]  # %time runs it as is
+
+
+def test_the_requirement_probe_refuses_a_function_it_might_not_see_as_graded():
+    """The graded kernel runs every cell; the probe runs only plain definitions. A needed name also
+    bound where the probe cannot follow would let it run another function than the one graded."""
+    honest = "def cache_activations(model, tokens, names):\n    return {}"
+    for other, words in [
+        ("if True:\n    def cache_activations(model, tokens, names):\n        return {'x': 1}", "binds cache_activations"),
+        ("cache_activations = (lambda f: f)(print)", "binds cache_activations"),
+        ("try:\n    from attribution_course.patching import cache_activations\nexcept ImportError:\n    pass",
+         "binds cache_activations"),
+        ("globals()['cache_' + 'activations'] = print", "can bind any name"),
+        ("%run other.py", "can bind any name"),
+        ("%timeit cache_activations = print", "binds cache_activations"),
+    ]:
+        with pytest.raises(Refused, match="code cell 2, line 1: ") as refused:
+            picked([honest, other])
+        assert words in str(refused.value), (other, str(refused.value))
+    helper_by_call = ["LAYERS = list(range(2))", "def cache_activations(model, tokens, names):\n    return LAYERS"]
+    with pytest.raises(Refused, match="code cell 1, line 1: binds LAYERS"):
+        picked(helper_by_call)
+    # the course's own set-up statements (run by the probe itself) are not held against the learner
+    assert picked(["model = load_model()", "def cache_activations(m, t, n):\n    return model"],
+                  set_up=frozenset({"model = load_model()"})) == [(2, 1, "def cache_activations(m, t, n):")]
 
 
 @pytest.mark.parametrize("body, words", [
-    ("return sys._getframe(1)", "line 3: uses ._getframe"),
+    ("return sys._getframe(1)", "line 3: uses sys"),
     ("return sys.modules", "line 3: uses sys"),
     ("import sys\n    return 1", "line 3: imports sys"),
     ("return getattr(torch, 'zeros')(1)", "line 3: uses getattr"),
@@ -376,16 +411,29 @@ def test_the_requirement_probe_picks_only_the_definitions_the_function_needs():
     ("return torch.Tensor._make_subclass", "uses ._make_subclass"),
     ("import ctypes\n    return 1", "imports ctypes"),
     ("return __builtins__", "uses __builtins__"),
-    ("return torch.hub.load('.', 'x', source='local')", "uses .hub"),
+    ("return torch.hub.load('.', 'x', source='local')", "uses .load"),
+    ("import operator\n    return operator.attrgetter('x')", "imports operator"),
+    ("return '{0.__globals__}'.format(model)", "a string with a double underscore"),
+    ("import numpy\n    numpy.max = numpy.min", "changes numpy.max"),
+    ("torch.Tensor.requires_grad = property(lambda t: False)", "changes torch.Tensor.requires_grad"),
+    ("try:\n        In\n    except NameError:\n        return 1", "line 4: uses In"),
+    ("return _ih", "uses _ih"),
+    ("class Quiet(torch.Tensor):\n        def __torch_function__(cls, *a):\n            return None",
+     "defines __torch_function__"),
 ])
 def test_the_requirement_probe_refuses_code_that_reaches_into_the_interpreter(body, words):
-    from attribution_course.grading.requirement_probe import Refused, learner_definitions
-
     source = f"import torch\ndef cache_activations(model, tokens, names):\n    {body}"
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(source)])
     with pytest.raises(Refused, match="code cell 2, ") as refused:
-        learner_definitions(nb, "cache_activations")
-    assert words in str(refused.value)
+        picked(["x = 1", source])
+    assert words in str(refused.value), str(refused.value)
+
+
+def test_the_requirement_probe_accepts_ordinary_solutions():
+    ordinary = ("import torch\nclass Store:\n    def __init__(self):\n        self._items = {}\n"
+                "    def add(self, name, t):\n        self._items[name] = t.detach()\n        return self._items\n"
+                "def cache_activations(model, tokens, names):\n    \"\"\"Uses __init__ (a docstring may say so).\"\"\"\n"
+                "    store, io, types = Store(), None, 3\n    return store.add('x', tokens)")
+    assert [line for _, line, _ in picked([ordinary])] == [2, 8]  # Store and the function (torch is not read)
 
 
 def test_a_restart_reruns_setup_and_definitions_but_not_the_stopping_cell_or_graded_exercises():

@@ -7,22 +7,31 @@ observed in a run of their own:
 
 1. **The grader picks the learner's definitions** (:func:`learner_definitions`): from all the
    notebook's code cells, only the imports, functions, classes and constants (assignments
-   without a call) that the exercise's function refers to, directly or through each other. No
-   other statement of the notebook runs. Code that could reach into the interpreter, the
-   process or the grader (``sys``, ``os``, ``gc``, ``threading``, ``getattr``, ``open``,
-   ``attribution_course.grading``, any name or attribute with a leading double underscore or an
-   attribute with a leading underscore, imports outside ``ALLOWED_IMPORTS``) is refused with a
-   message naming it, its cell and its line.
-2. **A fresh process in its own sandbox** (:func:`main`) runs the exercises notebook's set-up
-   cells (trusted: taken from ``exercises/``, not from the submission), draws the hidden inputs
-   and lists the model's parameters, with the C-level accessors of :mod:`.requirements` taken at
-   import: all before any learner code exists. Then it defines the picked code and calls the
-   function (the requirement's observer). Before writing what it saw it stops every other
-   process of its sandbox, and it writes last.
-3. **The grader judges** the observations in its own process (the requirement's judge).
+   without a call) that the exercise's function reads as globals, directly or through each other
+   (scope-aware, with :mod:`symtable`). No other statement of the notebook runs. It refuses, with
+   the cell and line: a needed name also bound where the probe cannot follow (inside an
+   ``if``/``for``/``try``/``with`` block, by an assignment that calls something, a magic,
+   ``global``, ``globals()``), since the probe might then run another function than the one
+   graded; and picked code that could reach into the interpreter, the process or the grader
+   (``sys``, ``os``, ``gc``, ``getattr``, ``open``, loaders of pickles, ``attrgetter``,
+   ``attribution_course.grading``, dunder names and definitions, strings holding ``__``,
+   underscore attributes except ``self._x``, a metaclass, changes to an imported module, names
+   only an IPython kernel defines, imports outside ``ALLOWED_IMPORTS``).
+2. **A fresh process in its own sandbox** (:func:`main`) reads its spec and deletes it (the
+   spec's nonce then lives only in this process), runs the exercises notebook's set-up cells
+   (trusted: taken from ``exercises/``), draws the hidden input and lists the model's parameters,
+   with the C-level accessors of :mod:`.requirements` taken at import: all before any learner
+   code exists. Then it defines the picked code and calls the function (the requirement's
+   observer), with the file-size limit at zero while learner code exists (no file can be written,
+   so none can be imported or unpickled). It stops every other process of its sandbox, writes
+   its observations with the nonce, and exits at once.
+3. **The grader judges** the observations in its own process (the requirement's judge), and only
+   those of a run that exited normally with the right nonce.
 
-What it does not stop: code that gets past the refusal list by another route to the interpreter
-(none is known to us, but a list is only a list); the values' own checks and the audit still apply.
+What it cannot stop: code that behaves differently when it notices it is being observed through
+state the probe does not recreate (a counter of its own calls, an attribute a skipped cell set on
+the model), or a route into the interpreter that the refusals above miss. The values' checks on
+hidden inputs and the audit still apply.
 """
 
 from __future__ import annotations
@@ -30,7 +39,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
+import secrets
 import signal
+import symtable
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,18 +53,26 @@ from .notebooks import cells_of, text_of
 #: Modules the picked code may import (and their submodules), besides ``__future__``.
 ALLOWED_IMPORTS = frozenset({
     "torch", "numpy", "einops", "fancy_einsum", "jaxtyping", "typing", "typing_extensions", "math", "functools",
-    "itertools", "collections", "dataclasses", "transformer_lens", "attribution_course", "tqdm", "re", "string",
-    "operator", "contextlib", "random", "statistics", "enum", "abc", "warnings", "__future__",
+    "itertools", "collections", "dataclasses", "transformer_lens", "attribution_course", "tqdm", "re",
+    "contextlib", "random", "statistics", "enum", "abc", "warnings", "__future__",
 })
-#: Names and attributes the picked code may not use: ways into the interpreter, the process, files or the grader.
+#: Global names and attributes the picked code may not use: ways into the interpreter, the process, files,
+#: code loaded from data, attributes by name, or the grader.
 REFUSED_NAMES = frozenset({
     "sys", "os", "gc", "inspect", "ctypes", "threading", "multiprocessing", "subprocess", "signal", "builtins",
     "importlib", "eval", "exec", "compile", "getattr", "setattr", "delattr", "globals", "locals", "vars", "open",
     "io", "pathlib", "Path", "shutil", "socket", "pickle", "marshal", "types", "weakref", "atexit", "faulthandler",
     "resource", "runpy", "tempfile", "asyncio", "concurrent", "grading", "overrides", "library", "jit", "breakpoint",
-    "get_ipython", "memoryview", "hub",
+    "get_ipython", "memoryview", "hub", "load", "loads", "memmap", "attrgetter", "methodcaller", "Formatter",
+    "get_type_hints", "In", "Out", "display", "exit", "quit",
 })
 _ALLOWED_DUNDERS = frozenset({"__init__", "__call__", "__name__", "__future__"})
+_CODE_MAGICS = frozenset({"time", "timeit", "prun", "capture"})  # magics whose argument or body is Python
+_UNFOLLOWABLE_MAGICS = frozenset({"run", "load", "store", "recall", "rerun", "macro", "env"})
+_DYNAMIC_BINDERS = frozenset({"globals", "vars", "locals", "exec", "eval", "setattr", "delattr", "__import__"})
+_NAMESPACES = frozenset({"user_ns", "user_global_ns", "push", "run_cell", "ex", "ev", "modules", "__dict__"})
+_TIMED_LINE = re.compile(r"^([ \t]*)%time[ \t]+(?=\S)", re.MULTILINE)
+_IPYTHON_HISTORY = re.compile(r"^(_{1,3}|_i{1,3}|_i?\d+|_[iod]h)$")  # names IPython defines in a kernel only
 SPEC, RESULT = "probe.json", "observations.json"
 
 
@@ -63,7 +83,8 @@ class Refused(ValueError):
 @dataclass(frozen=True)
 class Statement:
     cell: int  # code cell of the submission, counted from 1
-    line: int  # first line in that cell
+    line: int  # first line in that cell (its decorators included)
+    index: int  # position among the notebook's statements (two on one line stay apart)
     node: ast.stmt
 
     @property
@@ -74,14 +95,20 @@ class Statement:
 # ---------------------------------------------------------------- picking the learner's definitions (grader)
 
 
-def _python_of(source: str) -> str:
-    """A cell's source as Python: IPython magics and shell lines become calls (then dropped as statements)."""
+def _cell_python(source: str) -> tuple[str, int]:
+    """A cell's source as Python and the number of lines dropped before it: the body of a ``%%time``-like
+    cell magic, other cells with IPython magics and shell lines turned into calls (then dropped as statements)."""
+    if source.startswith("%%"):
+        first, _, body = source.partition("\n")
+        magic = first[2:].split()[0] if first[2:].split() else ""
+        return (body, 1) if magic in _CODE_MAGICS else ("", 0)
+    source = _TIMED_LINE.sub(r"\1", source)  # `%time x = f()` runs `x = f()` in the notebook: the same statement
     try:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        return TransformerManager().transform_cell(source)
+        return TransformerManager().transform_cell(source), 0
     except Exception:  # noqa: BLE001 - odd text: parse it as it is
-        return source
+        return source, 0
 
 
 def _kept(node: ast.stmt) -> bool:
@@ -90,83 +117,218 @@ def _kept(node: ast.stmt) -> bool:
         return True
     if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-        names_only = all(isinstance(n, ast.Name) for t in targets for n in ([t] if isinstance(t, ast.Name) else getattr(t, "elts", [t])))
-        return names_only and not any(isinstance(n, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr))
-                                      for n in ast.walk(node.value))
+        if not all(isinstance(t, ast.Name) or isinstance(t, ast.Tuple) and all(isinstance(e, ast.Name) for e in t.elts)
+                   for t in targets):
+            return False
+        return not _computes(node.value)
     return False
 
 
+def _computes(node: ast.AST) -> bool:
+    """Whether evaluating ``node`` calls anything (a lambda's body runs later, not now)."""
+    if isinstance(node, ast.Lambda):
+        return any(_computes(d) for d in (*node.args.defaults, *node.args.kw_defaults) if d is not None)
+    if isinstance(node, (ast.Call, ast.Await, ast.Yield, ast.YieldFrom, ast.NamedExpr)):
+        return True
+    return any(_computes(child) for child in ast.iter_child_nodes(node))
+
+
 def _binds(node: ast.stmt) -> set[str]:
-    if isinstance(node, (ast.Import, ast.ImportFrom)):
-        return {(a.asname or a.name.split(".")[0]) for a in node.names}
-    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-        return {node.name}
-    targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-    return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    """Names a statement binds at module scope (nested blocks included, nested scopes not)."""
+    names: set[str] = set()
+
+    def visit(n: ast.AST) -> None:
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(n.name)
+            for part in (*n.decorator_list, *getattr(n, "bases", []), *getattr(n, "keywords", [])):
+                visit(part)
+            return
+        if isinstance(n, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            return
+        if isinstance(n, (ast.Import, ast.ImportFrom)):
+            names.update(a.asname or a.name.split(".")[0] for a in n.names)
+        elif isinstance(n, ast.Name) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            names.add(n.id)
+        elif isinstance(n, ast.ExceptHandler) and n.name:
+            names.add(n.name)
+        elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
+            names.add(n.name)
+        for child in ast.iter_child_nodes(n):
+            visit(child)
+
+    visit(node)
+    return names
 
 
-def _uses(node: ast.stmt) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+def _global_reads(node: ast.stmt) -> set[str]:
+    """Global names ``node`` reads when it runs or when what it defines is called (scope-aware: a
+    function's locals and parameters are not global reads)."""
+    table = symtable.symtable(ast.unparse(node), "<statement>", "exec")
+    names = {s.get_name() for s in table.get_symbols() if s.is_referenced()}
+    stack = list(table.get_children())
+    while stack:
+        scope = stack.pop()
+        names |= {s.get_name() for s in scope.get_symbols() if s.is_global() and s.is_referenced()}
+        stack += scope.get_children()
+    return names
 
 
-def _statements(notebook) -> list[Statement]:
-    statements = []
+@dataclass
+class _Cell:
+    number: int
+    offset: int  # lines before the parsed text
+    statements: list[ast.stmt]
+
+
+def _cells(notebook) -> list[_Cell]:
+    cells = []
     code_cells = [c for c in cells_of(notebook) if c.get("cell_type") == "code"]
     for number, cell in enumerate(code_cells, 1):
+        source = text_of(cell.get("source"))
+        python, offset = _cell_python(source)
         try:
-            tree = ast.parse(_python_of(text_of(cell.get("source"))))
-        except (SyntaxError, ValueError):
-            continue  # the graded run reports it; nothing in it can be picked
-        statements += [Statement(number, min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]), node)
-                       for node in tree.body if _kept(node)]
-    return statements
+            tree = ast.parse(python)
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        cells.append(_Cell(number, offset, tree.body))
+    return cells
 
 
-def learner_definitions(notebook, function: str) -> list[Statement]:
+def _magic_code(node: ast.stmt) -> list[tuple[str, str]]:
+    """``(magic, argument)`` of the IPython magic calls in a (transformed) statement."""
+    found = []
+    for call in ast.walk(node):
+        if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute)
+                and call.func.attr in ("run_line_magic", "run_cell_magic")
+                and all(isinstance(a, ast.Constant) and isinstance(a.value, str) for a in call.args)):
+            values = [a.value for a in call.args]
+            found.append((values[0], "\n".join(values[1:])) if values else ("", ""))
+    return found
+
+
+def learner_definitions(notebook, function: str, set_up: frozenset[str] = frozenset()) -> list[Statement]:
     """The statements of ``notebook`` that ``function`` needs, in notebook order (every binding of a
-    needed name is kept: the last one wins when they run, as in the notebook). Raises Refused."""
-    statements = _statements(notebook)
+    needed name is kept: the last one wins when they run, as in the notebook).
+
+    Raises Refused when the picked code uses what the probe does not run, or when a needed name is
+    also bound where the probe cannot follow (inside an ``if``/``for``/``try``/``with`` block, by a
+    computed assignment, a magic, ``global`` or ``globals()``): the function the probe would run
+    might not be the one the notebook graded. ``set_up``: the unparsed statements of the course's
+    set-up cells (:func:`set_up_statements`), which the probe runs itself."""
+    cells = _cells(notebook)
+    statements: list[Statement] = []
+    unfollowed: list[tuple[int, int, set[str] | None]] = []  # (cell, line, names it binds; None: any name)
+    for cell in cells:  # (a cell that does not parse never runs in the kernel either: nothing to follow)
+        for node in cell.statements:
+            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) + cell.offset
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Global):
+                    unfollowed.append((cell.number, inner.lineno + cell.offset, set(inner.names)))
+            if _kept(node):
+                statements.append(Statement(cell.number, line, len(statements), node))
+            elif ast.unparse(node) not in set_up:  # the course's own set-up statements run in the probe too
+                unfollowed.append((cell.number, line, _bound_where_unfollowed(node)))
+
     needed, picked = {function}, set()
     while True:
-        new = {i for i, s in enumerate(statements) if i not in picked and (_binds(s.node) & needed
-                                                                               or isinstance(s.node, ast.ImportFrom) and any(a.name == "*" for a in s.node.names))}
+        new = {s.index for s in statements if s.index not in picked and (
+            _binds(s.node) & needed or isinstance(s.node, ast.ImportFrom) and any(a.name == "*" for a in s.node.names))}
         if not new:
             break
         picked |= new
-        for i in new:
-            needed |= _uses(statements[i].node)
-    chosen = [statements[i] for i in sorted(picked)]
+        for index in new:
+            needed |= _global_reads(statements[index].node)
+    for cell, line, names in unfollowed:
+        clash = sorted(needed) if names is None else sorted(names & needed)
+        if clash:
+            what = ("can bind any name (globals(), exec, %run, user_ns, ...)" if names is None
+                    else f"binds {clash[0]} where the requirement check cannot follow (inside an if/for/try/with "
+                         "block, by an assignment that calls something, a magic or global)")
+            raise Refused(f"code cell {cell}, line {line}: {what}; define what {function} needs with a plain "
+                          "top-level def, import or constant")
+    chosen = [s for s in statements if s.index in picked]
+    modules = {name for s in chosen for node in ast.walk(s.node) if isinstance(node, (ast.Import, ast.ImportFrom))
+               for name in _binds(node)}  # imported anywhere, in a function too
     for statement in chosen:
-        _refuse_what_reaches_out(statement)
+        _refuse_what_reaches_out(statement, modules)
     return chosen
 
 
-def _refuse_what_reaches_out(statement: Statement) -> None:
-    def refuse(node: ast.AST, what: str) -> None:
-        line = getattr(node, "lineno", statement.line)  # the cell was parsed alone: lines are the cell's
-        raise Refused(f"code cell {statement.cell}, line {line}: {what}")
+def _bound_where_unfollowed(node: ast.stmt) -> set[str] | None:
+    """What a statement the probe does not run binds at module scope (None: it could bind any name)."""
+    names = _binds(node)
+    for magic, code in _magic_code(node):
+        if magic in _UNFOLLOWABLE_MAGICS:
+            return None
+        if magic in _CODE_MAGICS:
+            try:
+                names |= set().union(*(_binds(n) for n in ast.parse(code).body))
+            except (SyntaxError, ValueError, RecursionError, MemoryError):
+                return None
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and n.id in _DYNAMIC_BINDERS or isinstance(n, ast.Attribute) and n.attr in _NAMESPACES:
+            return None
+    return names
 
+
+def set_up_statements(cells: list[str]) -> frozenset[str]:
+    """The unparsed top-level statements of the course's set-up cells."""
+    found = set()
+    for source in cells:
+        try:
+            found |= {ast.unparse(node) for node in ast.parse(_cell_python(source)[0]).body}
+        except (SyntaxError, ValueError, RecursionError):
+            continue
+    return frozenset(found)
+
+
+def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
+    offset = statement.line - min([statement.node.lineno] + [d.lineno for d in getattr(statement.node, "decorator_list", [])])
+
+    def refuse(node: ast.AST, what: str) -> None:
+        line = getattr(node, "lineno", statement.node.lineno) + offset
+        raise Refused(f"code cell {statement.cell}, line {line}: {what}, which the requirement check does not run "
+                      "(it could reach into the interpreter or the grader); a solution does not need it")
+
+    for name in _global_reads(statement.node):
+        if name in REFUSED_NAMES or _dunder(name) or _IPYTHON_HISTORY.match(name):
+            node = next((n for n in ast.walk(statement.node) if isinstance(n, ast.Name) and n.id == name), statement.node)
+            refuse(node, f"uses {name}")
+    docstrings = {id(n.body[0].value) for n in ast.walk(statement.node)
+                  if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.body
+                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
     for node in ast.walk(statement.node):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
-            modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            modules_named = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             if isinstance(node, ast.ImportFrom):
-                modules += [f"{node.module}.{a.name}" for a in node.names]
-            for module in modules:
-                parts = module.split(".")
-                if isinstance(node, ast.ImportFrom) and node.level:
+                modules_named += [f"{node.module}.{a.name}" for a in node.names]
+                if node.level:
                     refuse(node, "a relative import")
+            for module in modules_named:
+                parts = module.split(".")
                 if parts[0] and parts[0] not in ALLOWED_IMPORTS:
-                    refuse(node, f"imports {parts[0]}, which the requirement check does not run "
-                                 f"(it runs imports of {', '.join(sorted(ALLOWED_IMPORTS - {'__future__'}))})")
-                if refused := [p for p in parts if p in REFUSED_NAMES]:
-                    refuse(node, f"imports {module}, which the requirement check does not run ({refused[0]})")
-        elif isinstance(node, ast.Name) and (node.id in REFUSED_NAMES or _dunder(node.id)):
-            refuse(node, f"uses {node.id}, which the requirement check does not run (it could reach into the "
-                         "interpreter or the grader); a solution does not need it")
-        elif isinstance(node, ast.Attribute) and (node.attr in REFUSED_NAMES or node.attr.startswith("_")
-                                                  and node.attr not in _ALLOWED_DUNDERS):
-            refuse(node, f"uses .{node.attr}, which the requirement check does not run (it could reach into the "
-                         "interpreter or the grader); a solution does not need it")
+                    refuse(node, f"imports {parts[0]} (it runs imports of {', '.join(sorted(ALLOWED_IMPORTS - {'__future__'}))})")
+                if refused := [p for p in parts if p in REFUSED_NAMES or _dunder(p)]:
+                    refuse(node, f"imports {module} ({refused[0]})")
+        elif isinstance(node, ast.Attribute):
+            private = node.attr.startswith("_") and not (
+                not node.attr.startswith("__") and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            if node.attr in REFUSED_NAMES or private and node.attr not in _ALLOWED_DUNDERS:
+                refuse(node, f"uses .{node.attr}")
+            root = node
+            while isinstance(root, (ast.Attribute, ast.Subscript)):
+                root = root.value
+            if isinstance(node.ctx, (ast.Store, ast.Del)) and isinstance(root, ast.Name) and root.id in modules:
+                refuse(node, f"changes {ast.unparse(node)} (part of a module, or of what was imported from one)")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and _dunder(node.name):
+            refuse(node, f"defines {node.name}")
+        elif isinstance(node, ast.arg) and _dunder(node.arg):
+            refuse(node, f"takes an argument {node.arg}")
+        elif isinstance(node, ast.keyword) and node.arg == "metaclass":
+            refuse(node, "a metaclass")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "__" in node.value \
+                and id(node) not in docstrings:
+            refuse(node, f"a string with a double underscore ({node.value[:40]!r}: a way to reach attributes by name)")
 
 
 def _dunder(name: str) -> bool:
@@ -202,19 +364,25 @@ def observe_outside(
 
     outcome: dict[str, dict | str] = {}
     picked: dict[str, list[Statement]] = {}
+    context = context_cells(exercises_notebook)
+    set_up = set_up_statements(context)
     for exercise, function in functions.items():
         try:
-            picked[exercise] = learner_definitions(learner, function)
+            picked[exercise] = learner_definitions(learner, function, set_up)
         except Refused as err:
             outcome[exercise] = f"the requirement could not be checked: {err}"
+        except (RecursionError, MemoryError, SyntaxError, ValueError) as err:  # an absurdly deep expression, say
+            outcome[exercise] = f"the requirement could not be checked: your code could not be analysed ({type(err).__name__})"
     if not picked:
         return outcome
     # one run for all: every statement any of the functions needs, once, in notebook order
-    statements = sorted({(s.cell, s.line): s for ss in picked.values() for s in ss}.values(), key=lambda s: (s.cell, s.line))
+    statements = sorted({s.index: s for ss in picked.values() for s in ss}.values(), key=lambda s: s.index)
+    nonce = secrets.token_hex(16)  # the probe deletes the spec before any learner code exists; a forged result lacks it
     with run_folder() as workdir:
         inside = Path(sandbox.SANDBOX_WORKDIR) if sandboxed else workdir
         spec = {
-            "context": context_cells(exercises_notebook),
+            "nonce": nonce,
+            "context": context,
             "definitions": [[s.cell, s.line, s.text] for s in statements],
             "functions": {exercise: functions[exercise] for exercise in picked},
             "result": str(inside / RESULT),
@@ -225,14 +393,17 @@ def observe_outside(
         limits = sandbox.Limits(cpu_seconds=int(cpu_seconds))
         returncode, timed_out, output = run_process(command, workdir, env=dict(extra_env or {}), timeout=timeout,
                                                     sandboxed=sandboxed, limits=limits)
-        opened = _open_regular(workdir / RESULT)
+        opened = _open_regular(workdir / RESULT) if returncode == 0 and not timed_out else None
         observed = {}
         if opened is not None:
             with opened:
                 try:
                     observed = json.load(opened)
-                except ValueError:
+                except (ValueError, RecursionError):
                     observed = {}
+        if not isinstance(observed, dict) or observed.get("nonce") != nonce:
+            observed = {}
+        observed = observed.get("observations")
     why = (f"did not finish within {timeout:g} s" if timed_out
            else f"stopped without a result (exit code {returncode}; over the CPU-time limit of {cpu_seconds:g} s, "
                 "out of memory or sys.exit?)")
@@ -258,8 +429,10 @@ def main(argv: list[str] | None = None) -> int:
     from .checks import call_learner_function
     from .hidden import hidden_inputs
 
-    spec = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    result_path, stop_others = spec["result"], bool(spec["stop_other_processes"])
+    spec_path = Path((argv or sys.argv[1:])[0])
+    spec = json.loads(spec_path.read_text())
+    spec_path.unlink()  # the nonce now lives only in this process
+    result_path, stop_others, nonce = spec["result"], bool(spec["stop_other_processes"]), spec.pop("nonce")
     replace, dumps, kill, exit_now = os.replace, json.dumps, os.kill, os._exit
 
     namespace: dict = {"__name__": "__main__"}
@@ -269,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     work = {}
     for exercise, function in spec["functions"].items():  # drawn before any learner code exists
         inputs = hidden_inputs(exercise, model=model)
-        work[exercise] = (function, inputs[0] if inputs else (), requirements.parameters_of(inputs[0] if inputs else ()))
+        args = inputs[0] if inputs else ()
+        model_argument = requirements.model_of(args)
+        work[exercise] = (function, args, model_argument, requirements.parameters_of(model_argument))
 
     # No file may be written while learner code exists (a written file is a way to run unchecked code:
     # a hubconf.py, a pickle); the probe raises the limit back only to write its own result.
@@ -289,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
             exec(compile(tree, f"<code cell {cell}>", "exec"), namespace)  # noqa: S102 - the picked definitions
         except Exception as err:  # noqa: BLE001
             problems.append(f"defining code cell {cell}, line {line} raised {type(err).__name__}: {err}")
-    for exercise, (function, args, parameters) in work.items():
+    for exercise, (function, args, model_argument, parameters) in work.items():
         learner_function = namespace.get(function)
         if not args:
             observations[exercise] = "no hidden input for this exercise"
@@ -298,10 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             try:
                 observations[exercise] = requirements.OBSERVERS[exercise](
-                    lambda: _explained(call_learner_function(learner_function, args, {}), problems), parameters)
+                    lambda: _explained(call_learner_function(learner_function, args, {}), problems), model_argument,
+                    parameters)
             except Exception as err:  # noqa: BLE001 - learner code that broke the observer
                 observations[exercise] = f"observing {function} raised {type(err).__name__}: {err}"
-    text = dumps(observations, default=str)
+    text = dumps({"nonce": nonce, "observations": observations}, default=str)
     if stop_others:
         try:
             kill(-1, signal.SIGKILL)  # every other process of this sandbox's PID namespace, not this one

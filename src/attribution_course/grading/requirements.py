@@ -45,74 +45,93 @@ _to_numpy = _TensorBase.numpy
 _contiguous_cpu = _TensorBase.cpu
 _no_torch_function = torch._C.DisableTorchFunction
 _enable_grad = torch.enable_grad
-_count_nonzero = np.count_nonzero
-_as_float64 = np.asarray
-_Tensor = torch.Tensor
+_named_parameters = torch.nn.Module.named_parameters
+_count_nonzero, _as_array, _abs, _max, _float64 = np.count_nonzero, np.asarray, np.abs, np.ndarray.max, np.float64
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _RTOL, _ATOL = 1e-5, 1e-7  # a second call must give the same gradients up to float noise
 
 
 def _tensors(value: Any, path: str = ""):
-    """``(where, tensor)`` for every tensor in ``value`` (dicts, lists and tuples are walked)."""
-    if isinstance(value, _Tensor):
+    """``(where, tensor)`` for every tensor in ``value`` (dicts, lists and tuples are walked; exact types only,
+    so a subclass of dict or of Tensor cannot hide anything: it is returned as itself, to be refused)."""
+    kind = type(value)
+    if kind in _PLAIN_TENSORS or isinstance(value, _PLAIN_TENSORS[0]):
         yield path or "the result", value
-    elif type(value) is dict:
+    elif kind is dict:
         for key, item in dict.items(value):
             yield from _tensors(item, f"{path}[{key!r}]")
-    elif type(value) in (list, tuple):
+    elif kind in (list, tuple):
         for index, item in enumerate(value):
             yield from _tensors(item, f"{path}[{index}]")
 
 
+def _subclassed(value: Any) -> list[str]:
+    """Where ``value`` holds a tensor subclass (its attributes could answer anything)."""
+    return [where for where, t in _tensors(value) if type(t) not in _PLAIN_TENSORS]
+
+
 def _array(tensor) -> np.ndarray:
     with _no_torch_function():
-        return _as_float64(_to_numpy(_contiguous_cpu(_detach(tensor))), dtype=np.float64)
+        return _as_array(_to_numpy(_contiguous_cpu(_detach(tensor))), dtype=_float64)
+
+
+def _same_parameters(model, parameters: list[tuple[str, Any]]) -> bool:
+    """Whether ``model`` still holds the very parameter objects listed before the call."""
+    if model is None:
+        return True
+    return [id(p) for _, p in _named_parameters(model)] == [id(p) for _, p in parameters]
 
 
 # ---------------------------------------------------------------- observers (where the function runs)
 
 
-def observe_attached(call: Call, parameters: list[tuple[str, Any]]) -> dict:
+def observe_attached(call: Call, model, parameters: list[tuple[str, Any]]) -> dict:
     """5.1: with gradients enabled (as in a notebook), which returned tensors keep the autograd graph."""
     with _enable_grad():
         status, got, detail = call()
     if status != RETURNED:
         return {"status": status, "detail": detail}
-    attached = [where for where, t in _tensors(got) if _requires_grad(t) or _grad_fn(t) is not None]
-    return {"status": status, "attached": attached}
+    with _no_torch_function():
+        attached = [where for where, t in _tensors(got) if _requires_grad(t) or _grad_fn(t) is not None]
+    return {"status": status, "attached": attached, "subclassed": _subclassed(got)}
 
 
-def observe_gradients(call: Call, parameters: list[tuple[str, Any]]) -> dict:
+def observe_gradients(call: Call, model, parameters: list[tuple[str, Any]]) -> dict:
     """5.2: which parameters hold a non-zero gradient after a call, and how far a second call's
-    values are from the first's (``excess``: largest ``|a - b| - rtol |b|``; ``None``: the same)."""
+    values are from the first's (``excess``: largest ``|a - b| - rtol |b|``; 0: the same)."""
     for _, p in parameters:
         _set_grad(p, None)
     status, first, detail = call()
     if status != RETURNED:
         return {"status": status, "detail": detail}
-    kept = [name for name, p in parameters if (g := _grad(p)) is not None and _count_nonzero(_array(g))]
+    with _no_torch_function():
+        kept = [name for name, p in parameters if (g := _grad(p)) is not None and _count_nonzero(_array(g))]
+    if not _same_parameters(model, parameters):
+        kept.append("(the model's parameters were replaced by the function)")
     for _, p in parameters:
         _set_grad(p, None)
-    observation = {"status": status, "kept": kept, "second_status": None, "differs_at": None, "excess": 0.0}
-    if kept:
+    observation = {"status": status, "kept": kept, "subclassed": _subclassed(first), "second_status": None,
+                   "differs_at": None, "excess": 0.0}
+    if kept or observation["subclassed"]:
         return observation
+    firsts = [(where, _array(t)) for where, t in _tensors(first)]  # copied now: a second call may change them in place
     second_status, second, detail = call()
     observation["second_status"] = second_status
     if second_status != RETURNED:
         observation["detail"] = detail
         return observation
-    firsts, seconds = list(_tensors(first)), list(_tensors(second))
+    seconds = [(where, _array(t)) for where, t in _tensors(second)]
     if [w for w, _ in firsts] != [w for w, _ in seconds]:
         observation.update(differs_at="the structure of the result", excess=float("inf"))
         return observation
     for (where, a), (_, b) in zip(firsts, seconds):
-        a, b = _array(a), _array(b)
-        excess = float("inf") if a.shape != b.shape else float(np.max(np.abs(a - b) - _RTOL * np.abs(b), initial=0.0))
+        excess = float("inf") if a.shape != b.shape else float(_max(_abs(a - b) - _RTOL * _abs(b), initial=0.0))
         if not excess <= observation["excess"]:  # also catches nan
             observation.update(differs_at=where, excess=excess)
     return observation
 
 
-OBSERVERS: dict[str, Callable[[Call, list], dict]] = {"5.1": observe_attached, "5.2": observe_gradients}
+OBSERVERS: dict[str, Callable[[Call, Any, list], dict]] = {"5.1": observe_attached, "5.2": observe_gradients}
 
 
 # ---------------------------------------------------------------- judges (in the grader's process)
@@ -128,11 +147,15 @@ def _not_run(observation: dict, status_key: str = "status") -> str:
 
 
 def _unchecked(observation: dict, facts: str) -> str:
-    """A problem if the function did not return or the observation lacks its ``facts`` (a list)."""
+    """A problem if the function did not return, returned tensor subclasses, or the observation lacks
+    its ``facts`` (a list)."""
     if problem := _not_run(observation):
         return problem
-    if not isinstance(observation.get(facts), list):
+    if not isinstance(observation.get(facts), list) or not isinstance(observation.get("subclassed"), list):
         return "the requirement could not be checked: no observation was recorded"
+    if subclassed := observation["subclassed"]:
+        return (f"the requirement could not be checked: the function returned a torch.Tensor subclass at "
+                f"{subclassed[0]}; return plain tensors")
     return ""
 
 
@@ -168,10 +191,15 @@ JUDGES: dict[str, Callable[[dict], str]] = {"5.1": judge_attached, "5.2": judge_
 REQUIREMENTS = frozenset(OBSERVERS)
 
 
-def parameters_of(args: tuple) -> list[tuple[str, Any]]:
-    """The model's parameters (the first argument), listed before the learner's function runs."""
+def model_of(args: tuple):
+    """The model (the first argument), if the exercise takes one."""
     model = args[0] if args else None
-    return list(model.named_parameters()) if hasattr(model, "named_parameters") else []
+    return model if isinstance(model, torch.nn.Module) else None
+
+
+def parameters_of(model) -> list[tuple[str, Any]]:
+    """The model's parameters, listed before the learner's function runs."""
+    return list(_named_parameters(model)) if model is not None else []
 
 
 def check_requirements(exercise: str, call: Call, args: tuple) -> list[str]:
@@ -179,5 +207,6 @@ def check_requirements(exercise: str, call: Call, args: tuple) -> list[str]:
     (the learner's own check; empty: met, or none stated)."""
     if exercise not in OBSERVERS:
         return []
-    problem = JUDGES[exercise](OBSERVERS[exercise](call, parameters_of(args)))
+    model = model_of(args)
+    problem = JUDGES[exercise](OBSERVERS[exercise](call, model, parameters_of(model)))
     return [problem] if problem else []
