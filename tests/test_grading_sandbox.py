@@ -350,7 +350,7 @@ def test_requirement_observations_are_judged_in_the_grader_and_a_missing_one_fai
 PROBE_NOTEBOOK = [
     "import torch\nfrom jaxtyping import Int\nimport attribution_course.grading.checks as k\nk.submit = None",
     "%time x = 1\nSCALE = 2.0\nNAMES = sorted(['a'])\n_unused = [1, 2]\nkeep = lambda t: t.detach()",
-    "def helper(t):\n    io = keep(t)  # a local named like a module\n    return io * SCALE / 2\n\n"
+    "def helper(t):\n    kept = keep(t)\n    return kept * SCALE / 2\n\n"
     "def unrelated():\n    import os\n    return os.getpid()",
     "import numpy as np; import einops\n@torch.no_grad()\ndef cache_activations(model, tokens: Int[torch.Tensor, 'b p'], names):\n"
     "    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in names)\n"
@@ -371,7 +371,7 @@ def test_the_requirement_probe_picks_only_the_definitions_the_function_needs():
         (2, 5, "keep = lambda t: t.detach()"), (3, 1, "def helper(t):"), (4, 1, "import numpy as np"),
         (4, 2, "@torch.no_grad()")]
     # not picked: the cell that replaces the recorder, the call (NAMES), the magic, what nothing reads;
-    # a local named io is not the module; two statements on one line are both kept
+    # two statements on one line are both kept
     assert picked(["%%capture\ndef cache_activations(model, tokens, names):\n    return {}"]) == [
         (1, 2, "def cache_activations(model, tokens, names):")]  # the body of a %%capture cell is Python
     assert picked(["%time cache_activations = len"]) == [(1, 1, "cache_activations = len")]  # %time runs it as is
@@ -389,10 +389,27 @@ def test_the_requirement_probe_refuses_a_function_it_might_not_see_as_graded():
         ("globals()['cache_' + 'activations'] = print", "can bind any name"),
         ("%run other.py", "can bind any name"),
         ("%timeit cache_activations = print", "binds cache_activations"),
+        ("[cache_activations := print for _ in (0,)]", "binds cache_activations"),
     ]:
         with pytest.raises(Refused, match="code cell 2, line 1: ") as refused:
             picked([honest, other])
         assert words in str(refused.value), (other, str(refused.value))
+    # a def whose default rebinds the function is run by the probe too (it binds a needed name)
+    assert picked([honest, "def unused(x=(cache_activations := len)):\n    pass"])[-1] == (2, 1, "def unused(x=(cache_activations := len)):")
+    # a skipped cell that changes what the function reads, or patches a module it uses
+    flag = "FLAGS = {'detach': True}\ndef cache_activations(model, tokens, names):\n    return FLAGS['detach']"
+    for other, words in [("FLAGS['detach'] = False", "changes FLAGS"), ("FLAGS.update(detach=False)", "changes FLAGS"),
+                         ("import torch\ntorch.Tensor.detach = lambda t: t", "changes torch")]:
+        with pytest.raises(Refused, match="code cell 2, line ") as refused:
+            picked([flag.replace("return", "import torch\n    return"), other])
+        assert words in str(refused.value), (other, str(refused.value))
+    # what comes after the graded cell does not count (the kernel grades the function as it was there)
+    graded = nbformat.v4.new_code_cell('check("5.1", cache_activations, model, clean, names, expected=None)')
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(honest), graded, nbformat.v4.new_code_cell(
+        "def cache_activations(model, tokens, names):\n    return {'later': 1}")])
+    from attribution_course.grading.requirement_probe import graded_cell_number, learner_definitions
+    assert graded_cell_number(nb, "5.1") == 2
+    assert [s.cell for s in learner_definitions(nb, "cache_activations", graded_cell=2)] == [1]
     helper_by_call = ["LAYERS = list(range(2))", "def cache_activations(model, tokens, names):\n    return LAYERS"]
     with pytest.raises(Refused, match="code cell 1, line 1: binds LAYERS"):
         picked(helper_by_call)
@@ -418,6 +435,9 @@ def test_the_requirement_probe_refuses_a_function_it_might_not_see_as_graded():
     ("torch.Tensor.requires_grad = property(lambda t: False)", "changes torch.Tensor.requires_grad"),
     ("try:\n        In\n    except NameError:\n        return 1", "line 4: uses In"),
     ("return _ih", "uses _ih"),
+    ("class K:\n        run = exec\n    return K", "uses exec"),
+    ("def g():\n        yield 1\n    return g().gi_frame.f_back", "uses .f_back"),
+    ("return isinstance(names, Float[torch.Tensor, '{1+1}'])", "uses isinstance"),
     ("class Quiet(torch.Tensor):\n        def __torch_function__(cls, *a):\n            return None",
      "defines __torch_function__"),
 ])
@@ -432,7 +452,7 @@ def test_the_requirement_probe_accepts_ordinary_solutions():
     ordinary = ("import torch\nclass Store:\n    def __init__(self):\n        self._items = {}\n"
                 "    def add(self, name, t):\n        self._items[name] = t.detach()\n        return self._items\n"
                 "def cache_activations(model, tokens, names):\n    \"\"\"Uses __init__ (a docstring may say so).\"\"\"\n"
-                "    store, io, types = Store(), None, 3\n    return store.add('x', tokens)")
+                "    store, count = Store(), 3\n    return store.add('x', tokens)")
     assert [line for _, line, _ in picked([ordinary])] == [2, 8]  # Store and the function (torch is not read)
 
 

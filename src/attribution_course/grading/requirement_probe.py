@@ -5,18 +5,23 @@ whatever would check a requirement there; a value is safe from that (it is compa
 reference the learner's kernel never sees) but a yes/no requirement is not. So requirements are
 observed in a run of their own:
 
-1. **The grader picks the learner's definitions** (:func:`learner_definitions`): from all the
-   notebook's code cells, only the imports, functions, classes and constants (assignments
-   without a call) that the exercise's function reads as globals, directly or through each other
+1. **The grader picks the learner's definitions** (:func:`learner_definitions`): from the
+   notebook's code cells up to the one that grades the exercise (later cells do not count in
+   the kernel either), only the imports, functions, classes and constants (assignments without a
+   call) that the exercise's function reads as globals, directly or through each other
    (scope-aware, with :mod:`symtable`). No other statement of the notebook runs. It refuses, with
-   the cell and line: a needed name also bound where the probe cannot follow (inside an
-   ``if``/``for``/``try``/``with`` block, by an assignment that calls something, a magic,
-   ``global``, ``globals()``), since the probe might then run another function than the one
-   graded; and picked code that could reach into the interpreter, the process or the grader
-   (``sys``, ``os``, ``gc``, ``getattr``, ``open``, loaders of pickles, ``attrgetter``,
-   ``attribution_course.grading``, dunder names and definitions, strings holding ``__``,
-   underscore attributes except ``self._x``, a metaclass, changes to an imported module, names
-   only an IPython kernel defines, imports outside ``ALLOWED_IMPORTS``).
+   the cell and line, whatever would let the probe see another function than the one graded: a
+   needed name also bound where the probe cannot follow (inside an ``if``/``for``/``try``/``with``
+   block, by an assignment that calls something, a walrus, a magic, ``global``), ``globals()``,
+   ``exec`` or ``%run`` anywhere, a skipped statement that changes a needed global
+   (``FLAGS["detach"] = False``, ``FLAGS.update(...)``) or patches an imported module. And it
+   refuses picked code that could reach into the interpreter, the process or the grader
+   (``sys``, ``os``, ``gc``, ``getattr``, ``exec`` even as a class attribute, ``open``, pickle
+   loaders, ``isinstance`` (jaxtyping evaluates dimension strings there), ``attrgetter``,
+   ``bytes.fromhex``, frames and code objects (``f_``, ``gi_``, ``co_``...), ``attribution_course.grading``,
+   dunder names and definitions, strings holding ``__``, underscore attributes except
+   ``self._x``, a metaclass, changes to an imported module, names only an IPython kernel
+   defines, imports outside ``ALLOWED_IMPORTS``).
 2. **A fresh process in its own sandbox** (:func:`main`) reads its spec and deletes it (the
    spec's nonce then lives only in this process), runs the exercises notebook's set-up cells
    (trusted: taken from ``exercises/``), draws the hidden input and lists the model's parameters,
@@ -28,10 +33,11 @@ observed in a run of their own:
 3. **The grader judges** the observations in its own process (the requirement's judge), and only
    those of a run that exited normally with the right nonce.
 
-What it cannot stop: code that behaves differently when it notices it is being observed through
-state the probe does not recreate (a counter of its own calls, an attribute a skipped cell set on
-the model), or a route into the interpreter that the refusals above miss. The values' checks on
-hidden inputs and the audit still apply.
+What it cannot stop: a function that notices it is being observed through state the probe does
+not recreate (a counter of its own calls, an attribute a skipped cell set on the model), or a
+route to running code inside the probe that the refusals above miss (the probe's own process
+is as exposed to such code as any process; the refusals are a list, reviewed twice, not a
+proof). The values' checks on hidden inputs and the audit still apply.
 """
 
 from __future__ import annotations
@@ -64,8 +70,12 @@ REFUSED_NAMES = frozenset({
     "io", "pathlib", "Path", "shutil", "socket", "pickle", "marshal", "types", "weakref", "atexit", "faulthandler",
     "resource", "runpy", "tempfile", "asyncio", "concurrent", "grading", "overrides", "library", "jit", "breakpoint",
     "get_ipython", "memoryview", "hub", "load", "loads", "memmap", "attrgetter", "methodcaller", "Formatter",
-    "get_type_hints", "In", "Out", "display", "exit", "quit",
+    "get_type_hints", "In", "Out", "display", "exit", "quit", "chr", "bytes", "bytearray", "isinstance",
+    "issubclass", "jaxtyped", "beartype", "typechecked", "ForwardRef",
 })
+#: Attributes refused besides those names: routes to code in data (hex strings, string annotations, pickles, shells).
+REFUSED_ATTRIBUTES = REFUSED_NAMES | {"fromhex", "decode", "register", "read_array", "run", "collect_env", "system"}
+_INTERPRETER_PREFIXES = ("f_", "gi_", "cr_", "ag_", "tb_", "co_")  # frames, generators, tracebacks, code objects
 _ALLOWED_DUNDERS = frozenset({"__init__", "__call__", "__name__", "__future__"})
 _CODE_MAGICS = frozenset({"time", "timeit", "prun", "capture"})  # magics whose argument or body is Python
 _UNFOLLOWABLE_MAGICS = frozenset({"run", "load", "store", "recall", "rerun", "macro", "env"})
@@ -140,10 +150,22 @@ def _binds(node: ast.stmt) -> set[str]:
     def visit(n: ast.AST) -> None:
         if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(n.name)
-            for part in (*n.decorator_list, *getattr(n, "bases", []), *getattr(n, "keywords", [])):
+            parts = [*n.decorator_list, *getattr(n, "bases", []), *getattr(n, "keywords", [])]
+            if not isinstance(n, ast.ClassDef):  # what runs when the def runs: defaults and annotations
+                arguments = n.args
+                parts += [*arguments.defaults, *(d for d in arguments.kw_defaults if d is not None), n.returns]
+                parts += [a.annotation for a in (*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                                                 arguments.vararg, arguments.kwarg) if a is not None]
+            for part in parts:
+                if part is not None:
+                    visit(part)
+            return
+        if isinstance(n, ast.Lambda):
+            for part in (*n.args.defaults, *(d for d in n.args.kw_defaults if d is not None)):
                 visit(part)
             return
-        if isinstance(n, (ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+        if isinstance(n, (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)):
+            names.update(w.target.id for w in ast.walk(n) if isinstance(w, ast.NamedExpr))  # := binds outside
             return
         if isinstance(n, (ast.Import, ast.ImportFrom)):
             names.update(a.asname or a.name.split(".")[0] for a in n.names)
@@ -153,6 +175,8 @@ def _binds(node: ast.stmt) -> set[str]:
             names.add(n.name)
         elif isinstance(n, (ast.MatchAs, ast.MatchStar)) and n.name:
             names.add(n.name)
+        elif isinstance(n, ast.MatchMapping) and n.rest:
+            names.add(n.rest)
         for child in ast.iter_child_nodes(n):
             visit(child)
 
@@ -206,7 +230,9 @@ def _magic_code(node: ast.stmt) -> list[tuple[str, str]]:
     return found
 
 
-def learner_definitions(notebook, function: str, set_up: frozenset[str] = frozenset()) -> list[Statement]:
+def learner_definitions(
+    notebook, function: str, set_up: frozenset[str] = frozenset(), graded_cell: int | None = None,
+) -> list[Statement]:
     """The statements of ``notebook`` that ``function`` needs, in notebook order (every binding of a
     needed name is kept: the last one wins when they run, as in the notebook).
 
@@ -214,20 +240,20 @@ def learner_definitions(notebook, function: str, set_up: frozenset[str] = frozen
     also bound where the probe cannot follow (inside an ``if``/``for``/``try``/``with`` block, by a
     computed assignment, a magic, ``global`` or ``globals()``): the function the probe would run
     might not be the one the notebook graded. ``set_up``: the unparsed statements of the course's
-    set-up cells (:func:`set_up_statements`), which the probe runs itself."""
-    cells = _cells(notebook)
+    set-up cells (:func:`set_up_statements`), which the probe runs itself. ``graded_cell``: the code
+    cell that grades the exercise (:func:`graded_cell_number`); later cells do not count, as in the kernel."""
+    cells = [c for c in _cells(notebook) if graded_cell is None or c.number <= graded_cell]
     statements: list[Statement] = []
-    unfollowed: list[tuple[int, int, set[str] | None]] = []  # (cell, line, names it binds; None: any name)
+    skipped: list[tuple[int, int, ast.stmt]] = []  # what the kernel ran before grading but the probe will not
     for cell in cells:  # (a cell that does not parse never runs in the kernel either: nothing to follow)
         for node in cell.statements:
             line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) + cell.offset
-            for inner in ast.walk(node):
-                if isinstance(inner, ast.Global):
-                    unfollowed.append((cell.number, inner.lineno + cell.offset, set(inner.names)))
+            if ast.unparse(node) in set_up:  # the course's own set-up statements run in the probe too
+                continue
             if _kept(node):
                 statements.append(Statement(cell.number, line, len(statements), node))
-            elif ast.unparse(node) not in set_up:  # the course's own set-up statements run in the probe too
-                unfollowed.append((cell.number, line, _bound_where_unfollowed(node)))
+            else:
+                skipped.append((cell.number, line, node))
 
     needed, picked = {function}, set()
     while True:
@@ -238,37 +264,73 @@ def learner_definitions(notebook, function: str, set_up: frozenset[str] = frozen
         picked |= new
         for index in new:
             needed |= _global_reads(statements[index].node)
-    for cell, line, names in unfollowed:
-        clash = sorted(needed) if names is None else sorted(names & needed)
-        if clash:
-            what = ("can bind any name (globals(), exec, %run, user_ns, ...)" if names is None
-                    else f"binds {clash[0]} where the requirement check cannot follow (inside an if/for/try/with "
-                         "block, by an assignment that calls something, a magic or global)")
-            raise Refused(f"code cell {cell}, line {line}: {what}; define what {function} needs with a plain "
-                          "top-level def, import or constant")
     chosen = [s for s in statements if s.index in picked]
     modules = {name for s in chosen for node in ast.walk(s.node) if isinstance(node, (ast.Import, ast.ImportFrom))
-               for name in _binds(node)}  # imported anywhere, in a function too
+               for name in _binds(node)} | _imported(set_up)  # imported anywhere, in a function too
+    unpicked = skipped + [(s.cell, s.line, s.node) for s in statements if s.index not in picked]
+    for cell, line, node in unpicked:
+        problem = _unfollowed(node, needed, modules)
+        if problem:
+            raise Refused(f"code cell {cell}, line {line}: {problem}; the probe runs only plain top-level defs, "
+                          f"imports and constants, so it might not see the {function} that was graded")
     for statement in chosen:
         _refuse_what_reaches_out(statement, modules)
     return chosen
 
 
-def _bound_where_unfollowed(node: ast.stmt) -> set[str] | None:
-    """What a statement the probe does not run binds at module scope (None: it could bind any name)."""
+def _unfollowed(node: ast.stmt, needed: set[str], modules: set[str]) -> str:
+    """Why a statement the probe does not run could change what the graded function is or does ("": it cannot)."""
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and n.id in _DYNAMIC_BINDERS or isinstance(n, ast.Attribute) and n.attr in _NAMESPACES:
+            return f"uses {getattr(n, 'id', None) or n.attr}, which can bind any name"
+        if isinstance(n, ast.Global) and set(n.names) & needed:
+            return f"declares global {sorted(set(n.names) & needed)[0]}"
+        root, store = None, False
+        if isinstance(n, (ast.Attribute, ast.Subscript)) and isinstance(n.ctx, (ast.Store, ast.Del)):
+            root, store = n, True
+        elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+            root = n.func
+        if root is not None:
+            while isinstance(root, (ast.Attribute, ast.Subscript)):
+                root = root.value
+            if isinstance(root, ast.Name) and (root.id in needed - modules or store and root.id in modules):
+                return f"changes {root.id} ({ast.unparse(n)[:60]}), which the graded function reads"
     names = _binds(node)
     for magic, code in _magic_code(node):
         if magic in _UNFOLLOWABLE_MAGICS:
-            return None
+            return f"runs %{magic}, which can bind any name"
         if magic in _CODE_MAGICS:
             try:
                 names |= set().union(*(_binds(n) for n in ast.parse(code).body))
             except (SyntaxError, ValueError, RecursionError, MemoryError):
-                return None
-    for n in ast.walk(node):
-        if isinstance(n, ast.Name) and n.id in _DYNAMIC_BINDERS or isinstance(n, ast.Attribute) and n.attr in _NAMESPACES:
-            return None
-    return names
+                return f"runs %{magic} on code that cannot be read"
+    if clash := sorted(names & needed):
+        return (f"binds {clash[0]} where the requirement check cannot follow (inside an if/for/try/with block, "
+                "by an assignment that calls something, or a magic)")
+    return ""
+
+
+def _imported(statements: frozenset[str]) -> set[str]:
+    """Names bound by the import statements among ``statements`` (unparsed)."""
+    found = set()
+    for text in statements:
+        node = ast.parse(text).body[0]
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found |= _binds(node)
+    return found
+
+
+def graded_cell_number(notebook, exercise: str) -> int | None:
+    """The code cell (counted from 1) that grades ``exercise`` in the kernel, found as the grader's copy finds it
+    (its metadata, else the last cell calling ``check("N.M", ...)``); None: the notebook has none."""
+    from .notebooks import checked_exercise, exercise_id_of
+
+    code_cells = [c for c in cells_of(notebook) if c.get("cell_type") == "code"]
+    by_metadata = [n for n, c in enumerate(code_cells, 1) if exercise_id_of(c) == exercise]
+    if by_metadata:
+        return by_metadata[0]
+    by_call = [n for n, c in enumerate(code_cells, 1) if checked_exercise(c) == exercise]
+    return by_call[-1] if by_call else None
 
 
 def set_up_statements(cells: list[str]) -> frozenset[str]:
@@ -290,10 +352,11 @@ def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
         raise Refused(f"code cell {statement.cell}, line {line}: {what}, which the requirement check does not run "
                       "(it could reach into the interpreter or the grader); a solution does not need it")
 
-    for name in _global_reads(statement.node):
-        if name in REFUSED_NAMES or _dunder(name) or _IPYTHON_HISTORY.match(name):
-            node = next((n for n in ast.walk(statement.node) if isinstance(n, ast.Name) and n.id == name), statement.node)
-            refuse(node, f"uses {name}")
+    global_reads = _global_reads(statement.node)
+    for node in ast.walk(statement.node):  # local names too: a class body can shadow a refused builtin
+        if isinstance(node, ast.Name) and (node.id in REFUSED_NAMES or _dunder(node.id)
+                                           or node.id in global_reads and _IPYTHON_HISTORY.match(node.id)):
+            refuse(node, f"uses {node.id}")
     docstrings = {id(n.body[0].value) for n in ast.walk(statement.node)
                   if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)) and n.body
                   and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
@@ -313,7 +376,8 @@ def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
         elif isinstance(node, ast.Attribute):
             private = node.attr.startswith("_") and not (
                 not node.attr.startswith("__") and isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
-            if node.attr in REFUSED_NAMES or private and node.attr not in _ALLOWED_DUNDERS:
+            if (node.attr in REFUSED_ATTRIBUTES or private and node.attr not in _ALLOWED_DUNDERS
+                    or node.attr.startswith(_INTERPRETER_PREFIXES)):
                 refuse(node, f"uses .{node.attr}")
             root = node
             while isinstance(root, (ast.Attribute, ast.Subscript)):
@@ -368,7 +432,7 @@ def observe_outside(
     set_up = set_up_statements(context)
     for exercise, function in functions.items():
         try:
-            picked[exercise] = learner_definitions(learner, function, set_up)
+            picked[exercise] = learner_definitions(learner, function, set_up, graded_cell_number(learner, exercise))
         except Refused as err:
             outcome[exercise] = f"the requirement could not be checked: {err}"
         except (RecursionError, MemoryError, SyntaxError, ValueError) as err:  # an absurdly deep expression, say
