@@ -247,7 +247,7 @@ def learner_definitions(
     skipped: list[tuple[int, int, ast.stmt]] = []  # what the kernel ran before grading but the probe will not
     for cell in cells:  # (a cell that does not parse never runs in the kernel either: nothing to follow)
         for node in cell.statements:
-            line = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) + cell.offset
+            line = _first_line(node) + cell.offset
             if ast.unparse(node) in set_up:  # the course's own set-up statements run in the probe too
                 continue
             if _kept(node):
@@ -291,8 +291,7 @@ def _unfollowed(node: ast.stmt, needed: set[str], modules: set[str]) -> str:
         elif isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
             root = n.func
         if root is not None:
-            while isinstance(root, (ast.Attribute, ast.Subscript)):
-                root = root.value
+            root = _root(root)
             if isinstance(root, ast.Name) and (root.id in needed - modules or store and root.id in modules):
                 return f"changes {root.id} ({ast.unparse(n)[:60]}), which the graded function reads"
     names = _binds(node)
@@ -345,7 +344,7 @@ def set_up_statements(cells: list[str]) -> frozenset[str]:
 
 
 def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
-    offset = statement.line - min([statement.node.lineno] + [d.lineno for d in getattr(statement.node, "decorator_list", [])])
+    offset = statement.line - _first_line(statement.node)
 
     def refuse(node: ast.AST, what: str) -> None:
         line = getattr(node, "lineno", statement.node.lineno) + offset
@@ -379,9 +378,7 @@ def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
             if (node.attr in REFUSED_ATTRIBUTES or private and node.attr not in _ALLOWED_DUNDERS
                     or node.attr.startswith(_INTERPRETER_PREFIXES)):
                 refuse(node, f"uses .{node.attr}")
-            root = node
-            while isinstance(root, (ast.Attribute, ast.Subscript)):
-                root = root.value
+            root = _root(node)
             if isinstance(node.ctx, (ast.Store, ast.Del)) and isinstance(root, ast.Name) and root.id in modules:
                 refuse(node, f"changes {ast.unparse(node)} (part of a module, or of what was imported from one)")
         elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and _dunder(node.name):
@@ -393,6 +390,18 @@ def _refuse_what_reaches_out(statement: Statement, modules: set[str]) -> None:
         elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "__" in node.value \
                 and id(node) not in docstrings:
             refuse(node, f"a string with a double underscore ({node.value[:40]!r}: a way to reach attributes by name)")
+
+
+def _first_line(node: ast.stmt) -> int:
+    """A statement's first line, its decorators included."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
+def _root(node: ast.AST) -> ast.AST:
+    """What an attribute or subscript chain starts from (``a`` of ``a.b[c].d``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript)):
+        node = node.value
+    return node
 
 
 def _dunder(name: str) -> bool:
@@ -487,8 +496,6 @@ def observe_outside(
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m attribution_course.grading.requirement_probe SPEC``: see the module's docstring."""
-    import torch
-
     from . import requirements  # its C-level accessors are taken now, before any learner code exists
     from .checks import call_learner_function
     from .hidden import hidden_inputs
