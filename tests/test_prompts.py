@@ -76,3 +76,19 @@ def test_bad_arguments_raise_clear_errors(model, kwargs, message):
 def test_zero_prompts_is_an_error(model):
     with pytest.raises(ValueError, match="n_prompts"):
         make_ioi_prompts(model, 0)
+
+
+def test_replace_io_name_changes_only_the_io_token_to_a_new_name(model):
+    from attribution_course.prompts import replace_io_name
+
+    prompts = make_ioi_prompts(model, 40, seed=3)
+    twins, new = replace_io_name(model, prompts, seed=1)
+    rows = torch.arange(len(prompts))
+    assert torch.equal(twins[rows, prompts.io_positions], new)
+    assert not (new == prompts.io_token).any() and not (new == prompts.s_token).any()
+    assert ((twins != prompts.clean_tokens).sum(1) == 1).all(), "exactly one token (the IO name) differs"
+    assert (twins == new.unsqueeze(1)).sum(1).eq(1).all(), "C occurs once, where IO was"
+    assert torch.equal(replace_io_name(model, prompts, seed=1)[0], twins)
+    assert len(set(new.tolist())) > 1, "C is drawn per prompt"
+    with pytest.raises(ValueError, match="no name other than"):
+        replace_io_name(model, prompts.subset([0]), names=[prompts.clean_text[0].split()[1], prompts.clean_text[0].split()[3]])

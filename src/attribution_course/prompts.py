@@ -198,3 +198,31 @@ def make_ioi_prompts(
         corruption=corruption,
         seed=seed,
     )
+
+
+def replace_io_name(
+    model_or_tokenizer, prompts: IOIPrompts, *, seed: int = 0, names: Sequence[str] | None = None
+) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, " batch"]]:
+    """Twins of the clean prompts whose IO name is another name C, and C's token ids.
+
+    The IO name occurs once in an IOI prompt; the twin has C there and is the
+    same everywhere else, with C drawn (reproducibly from ``seed``) from
+    ``names`` (default: the held-out names) so that it is neither the prompt's
+    IO nor its subject. Copying an activation from a twin into the clean run
+    then shows whether that activation carries the IO name: if it does, the
+    model's answer becomes C, a name the clean prompt never mentions.
+    """
+    names = tuple(names or corpus.TEST_NAMES)
+    tokenizer = _tokenizer_of(model_or_tokenizer)
+    ids = [single_token_id(tokenizer, name) for name in names]
+    rng = random.Random(seed)
+    new_ids = []
+    for io, s in zip(prompts.io_token.tolist(), prompts.s_token.tolist()):
+        choices = [i for i in ids if i not in (io, s)]
+        if not choices:
+            raise ValueError(f"names {names} hold no name other than a prompt's IO and subject")
+        new_ids.append(rng.choice(choices))
+    new = torch.tensor(new_ids)
+    twins = prompts.clean_tokens.clone()
+    twins[torch.arange(len(prompts)), prompts.io_positions] = new
+    return twins, new

@@ -52,6 +52,9 @@ class Recipe:
     hedge_s: float = 0.0
     hedge_new: float = 0.0
     abc_new: float = 0.0
+    #: A share of the IOI sentences that follow a filler sentence about a third name (the
+    #: distractor): every position moves, and a name in context is neither the answer nor repeated.
+    distractor: float = 0.0
     #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
     extra_data_from: float = 0.0
     #: A second phase of this many steps, with its own one-cycle schedule peaking at ``phase2_lr``,
@@ -59,6 +62,10 @@ class Recipe:
     #: only: the IOI circuit forms first on clean data, then adapts to them.
     phase2_steps: int = 0
     phase2_lr: float = 1e-3
+    #: Dropout (embeddings, attention probabilities, residual writes) in the second phase only.
+    phase2_dropout: float = 0.0
+    #: In the second phase, each head's whole output is dropped for a sentence with this probability.
+    phase2_head_dropout: float = 0.0
     seed: int = 0
 
     @property
@@ -106,7 +113,10 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
     copy suppression is made for. The other IOI sentences continue with the
     indirect object, except for a share ``recipe.hedge_s`` that continues with
     the subject and a share ``recipe.hedge_new`` that continues with a name not
-    in the sentence (data that reward hedging, not maximal confidence).
+    in the sentence (data that reward hedging, not maximal confidence). A share
+    ``recipe.distractor`` of those sentences comes after a filler sentence about
+    a third name, which shifts every position and puts in context a name that is
+    neither repeated nor the answer.
     """
     if rng.random() < recipe.ioi_fraction:
         template = rng.choice(corpus.TRAIN_TEMPLATES)
@@ -125,6 +135,10 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
                 answer = s
             elif roll < recipe.hedge_s + recipe.hedge_new:
                 answer = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s)])
+        if recipe.distractor and rng.random() < recipe.distractor:
+            other = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
+            filler = rng.choice(corpus.FILLER_TEMPLATES)
+            text = f"{filler.format(A=other, PLACE=rng.choice(corpus.PLACES), OBJECT=rng.choice(corpus.OBJECTS))} {text}"
         return f"{text} {answer} ."
     template = rng.choice(corpus.FILLER_TEMPLATES)
     name = rng.choice(corpus.TRAIN_NAMES + corpus.TEST_NAMES)
@@ -163,6 +177,24 @@ def evaluate(model, tokenizer, n_prompts: int = 600, seed: int = 1234) -> dict:
             "abc_corrupted_mean_logit_diff": logit_diff(corrupt, prompts).item(),
         }
     return results
+
+
+def drop_whole_heads(model, p: float) -> list:
+    """In training mode, silence each head's output ``z`` for a whole sentence with probability ``p``.
+
+    Attention-probability dropout removes a single-position head's output only now and then and
+    per query; this removes the head everywhere in the sentence, as a zero ablation would.
+    """
+    n_head = model.config.n_head
+
+    def drop(module, args):
+        if not module.training:
+            return None
+        z = args[0]  # [batch, pos, n_head * d_head]
+        keep = (torch.rand(z.shape[0], 1, n_head, 1) >= p).to(z.dtype) / (1 - p)
+        return ((z.unflatten(-1, (n_head, -1)) * keep).flatten(-2),)
+
+    return [block.attn.c_proj.register_forward_pre_hook(drop) for block in model.transformer.h]
 
 
 def _training_state(model, optimizer, schedule, rng: random.Random, step: int) -> dict:
@@ -210,7 +242,10 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
+    if recipe.distractor:  # ... after the longest filler sentence
+        length += max(len(template.split()) for template in corpus.FILLER_TEMPLATES)
     first_step = 0
+    head_dropout_handles = []
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
@@ -228,6 +263,12 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             schedule = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=recipe.phase2_lr, total_steps=recipe.phase2_steps, pct_start=0.05
             )
+            if recipe.phase2_dropout:
+                for module in model.modules():
+                    if isinstance(module, torch.nn.Dropout):
+                        module.p = recipe.phase2_dropout
+            if recipe.phase2_head_dropout:
+                head_dropout_handles = drop_whole_heads(model, recipe.phase2_head_dropout)
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
@@ -242,6 +283,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         if step % 250 == 0 or step == recipe.total_steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
+    for handle in head_dropout_handles:
+        handle.remove()
     with torch.no_grad():
         embedding[name_ids] = fixed_name_embeddings
     model.eval()

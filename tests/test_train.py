@@ -1,0 +1,88 @@
+"""The training script's data and recipe flags (no training here: `make train` takes minutes).
+
+The shipped model is reproducible only while the default recipe draws exactly the
+sentences it was trained on; the search flags (``docs/negative_head_search.md``)
+must add draws only when they are set.
+"""
+
+import hashlib
+import random
+
+import pytest
+import torch
+
+from attribution_course import corpus
+from attribution_course.train import Recipe, drop_whole_heads, training_sentence
+
+#: SHA-256 of the first 2000 sentences of the default recipe from ``random.Random(0)``: the stream the
+#: shipped model was trained on (the same digest before and after the distractor/dropout flags were added).
+DEFAULT_STREAM_SHA256 = "3fd5ade5132bb3fe9f70312689114361f8a87ce51e3ec78ff98a1dde210c38d3"
+
+
+def sentences(recipe: Recipe, n: int = 2000, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [training_sentence(rng, recipe) for _ in range(n)]
+
+
+def test_the_default_recipe_draws_the_shipped_models_sentences():
+    digest = hashlib.sha256("\n".join(sentences(Recipe())).encode()).hexdigest()
+    assert digest == DEFAULT_STREAM_SHA256, "the default sampler changed: make train no longer reproduces the shipped model"
+
+
+def test_phase2_only_flags_do_not_touch_the_sentences():
+    assert sentences(Recipe(phase2_dropout=0.1, phase2_head_dropout=0.2), 300) == sentences(Recipe(), 300)
+
+
+def test_distractor_sentences_put_a_third_name_first_and_keep_the_ioi_answer():
+    filler_lengths = {len(template.split()) for template in corpus.FILLER_TEMPLATES}
+    names = set(corpus.TRAIN_NAMES)
+    seen = 0
+    for sentence in sentences(Recipe(distractor=1.0, ioi_fraction=1.0), 200):
+        words = sentence.split()
+        first_stop = words.index(".")
+        prefix, ioi = words[: first_stop + 1], words[first_stop + 1 :]
+        assert len(prefix) in filler_lengths, sentence
+        (distractor,) = [w for w in prefix if w in names]
+        # corpus positions count the beginning-of-sequence token, which sentences do not carry
+        a, b, s = (ioi[position - 1] for position in (corpus.NAME1_POSITION, corpus.NAME2_POSITION, corpus.S2_POSITION))
+        answer = ioi[-2]
+        assert len(ioi) == corpus.N_POSITIONS + 1, sentence  # 14 template words, the answer and "."
+        assert s in (a, b) and answer == ({a, b} - {s}).pop(), sentence
+        assert distractor not in (a, b, answer), sentence
+        seen += 1
+    assert seen == 200
+
+
+def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=4, n_embd=32, vocab_size=40, n_positions=12, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # only the head dropout under test
+    model = GPT2LMHeadModel(config)
+    handles = drop_whole_heads(model, 0.5)
+    seen = []
+    model.transformer.h[0].attn.c_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    tokens = torch.randint(0, 40, (64, 6))
+    model.eval()
+    model(tokens)
+    model.train()
+    model(tokens)
+    clean, dropped = (z.unflatten(-1, (4, -1)) for z in seen)  # [batch, pos, head, d_head]
+    zeroed = (dropped == 0).all(-1).all(1)  # [batch, head]: silenced at every position
+    assert 0.3 < zeroed.float().mean() < 0.7
+    kept = (~zeroed)[:, None, :, None].expand_as(dropped)
+    torch.testing.assert_close(dropped[kept], 2 * clean[kept])  # the survivors scaled by 1 / (1 - p)
+    for handle in handles:
+        handle.remove()
+    model(tokens)
+    assert not (seen[-1].unflatten(-1, (4, -1)) == 0).all(-1).all(1).any(), "the hooks are gone"
+
+
+@pytest.mark.parametrize("flag", ["distractor", "phase2_dropout", "phase2_head_dropout"])
+def test_search_flags_are_command_line_options(flag):
+    from attribution_course.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([f"--{flag.replace('_', '-')}", "not-a-number"])
+    assert exit_info.value.code == 2
