@@ -86,3 +86,15 @@ def test_search_flags_are_command_line_options(flag):
     with pytest.raises(SystemExit) as exit_info:
         main([f"--{flag.replace('_', '-')}", "not-a-number"])
     assert exit_info.value.code == 2
+
+
+def test_shape_variants_move_s2_and_the_final_word_but_keep_the_answer():
+    gaps = set()
+    for sentence in sentences(Recipe(shape_variants=0.5, ioi_fraction=1.0), 300):
+        words = sentence.split()
+        comma = words.index(",")
+        a, b, s, answer = words[1], words[3], words[comma + 1], words[-2]
+        assert s in (a, b) and answer == ({a, b} - {s}).pop(), sentence
+        assert words[-3] == "to" and all(place in corpus.PLACES for place in words[comma - 1 : comma])
+        gaps.add((comma - 3, len(words) - 2 - comma))  # B to S2, S2 to the answer
+    assert gaps == {(5, 6), (8, 6), (5, 9), (8, 9)}, "each insertion happens, alone and together"

@@ -55,6 +55,10 @@ class Recipe:
     #: A share of the IOI sentences that follow a filler sentence about a third name (the
     #: distractor): every position moves, and a name in context is neither the answer nor repeated.
     distractor: float = 0.0
+    #: A share of the IOI sentences whose template grows a second place ("and the PLACE") after the
+    #: first and, independently, a second object ("and a OBJECT"): the gaps between the names, S2 and
+    #: the final word then vary, so no head can find them at a fixed offset.
+    shape_variants: float = 0.0
     #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
     extra_data_from: float = 0.0
     #: A second phase of this many steps, with its own one-cycle schedule peaking at ``phase2_lr``,
@@ -135,6 +139,8 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
                 answer = s
             elif roll < recipe.hedge_s + recipe.hedge_new:
                 answer = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s)])
+        if recipe.shape_variants:
+            text = vary_shape(rng, text, recipe.shape_variants)
         if recipe.distractor and rng.random() < recipe.distractor:
             other = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
             filler = rng.choice(corpus.FILLER_TEMPLATES)
@@ -143,6 +149,17 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
     template = rng.choice(corpus.FILLER_TEMPLATES)
     name = rng.choice(corpus.TRAIN_NAMES + corpus.TEST_NAMES)
     return template.format(A=name, PLACE=rng.choice(corpus.PLACES), OBJECT=rng.choice(corpus.OBJECTS))
+
+
+def vary_shape(rng: random.Random, text: str, share: float) -> str:
+    """``text`` with, each with probability ``share``, a second place after the first and a second object."""
+    words = text.split()
+    comma = words.index(",")
+    if rng.random() < share:  # "... to the store and the park , S gave ..."
+        words[comma:comma] = ["and", "the", rng.choice(corpus.PLACES)]
+    if rng.random() < share:  # "... gave a drink and a bag to"
+        words[-1:-1] = ["and", "a", rng.choice(corpus.OBJECTS)]
+    return " ".join(words)
 
 
 def encode_batch(tokenizer, sentences: list[str], length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,6 +261,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
     if recipe.distractor:  # ... after the longest filler sentence
         length += max(len(template.split()) for template in corpus.FILLER_TEMPLATES)
+    if recipe.shape_variants:  # ... and a second place and object
+        length += 6
     first_step = 0
     head_dropout_handles = []
     if resume is not None:
