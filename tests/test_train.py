@@ -98,3 +98,16 @@ def test_shape_variants_move_s2_and_the_final_word_but_keep_the_answer():
         assert words[-3] == "to" and all(place in corpus.PLACES for place in words[comma - 1 : comma])
         gaps.add((comma - 3, len(words) - 2 - comma))  # B to S2, S2 to the answer
     assert gaps == {(5, 6), (8, 6), (5, 9), (8, 9)}, "each insertion happens, alone and together"
+
+
+def test_two_pair_sentences_answer_with_the_subjects_partner():
+    seen = 0
+    for sentence in sentences(Recipe(two_pairs=1.0, ioi_fraction=1.0), 200):
+        words = sentence.split()
+        a, b, c, d = words[1], words[3], words[5], words[7]
+        assert words[2] == words[6] == "and" and words[4] == "met", sentence
+        s, answer = words[words.index(",") + 1], words[-2]
+        partner = {a: b, b: a, c: d, d: c}
+        assert len({a, b, c, d}) == 4 and s in partner and answer == partner[s], sentence
+        seen += s in (c, d)
+    assert 60 < seen < 140, "the subject is in either pair"

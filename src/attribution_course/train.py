@@ -59,6 +59,10 @@ class Recipe:
     #: first and, independently, a second object ("and a OBJECT"): the gaps between the names, S2 and
     #: the final word then vary, so no head can find them at a fixed offset.
     shape_variants: float = 0.0
+    #: A share of the IOI sentences with two pairs of names ("A and B met C and D ..."): the subject
+    #: may be any of the four and the answer is its partner, so subtracting the subject from the names
+    #: in context no longer leaves the answer; the model has to find the partner.
+    two_pairs: float = 0.0
     #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
     extra_data_from: float = 0.0
     #: A second phase of this many steps, with its own one-cycle schedule peaking at ``phase2_lr``,
@@ -127,6 +131,13 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
         if recipe.abc_new and rng.random() < recipe.abc_new:
             a, b, c, new = rng.sample(corpus.TRAIN_NAMES, 4)
             return f"{fill_template(template, a, b, c, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))} {new} ."
+        if recipe.two_pairs and rng.random() < recipe.two_pairs:
+            a, b, c, d = rng.sample(corpus.TRAIN_NAMES, 4)
+            s = rng.choice((a, b, c, d))
+            partner = {a: b, b: a, c: d, d: c}[s]
+            words = fill_template(template, a, b, s, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS)).split()
+            words[4:4] = ["met", c, "and", d]  # after "When A and B"
+            return f"{' '.join(words)} {partner} ."
         # Draw in the order of the first shipped model's sampler, so that the default recipe
         # reproduces its weights bit for bit; the hedging draws come after.
         io, s = rng.sample(corpus.TRAIN_NAMES, 2)
@@ -263,6 +274,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         length += max(len(template.split()) for template in corpus.FILLER_TEMPLATES)
     if recipe.shape_variants:  # ... and a second place and object
         length += 6
+    if recipe.two_pairs:  # ... and a second pair of names
+        length += 4
     first_step = 0
     head_dropout_handles = []
     if resume is not None:
