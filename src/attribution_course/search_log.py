@@ -54,9 +54,14 @@ def movers(survey: dict, test: dict) -> str:
     return f"**{found}**"
 
 
+def attention_to_s(row: dict) -> float:
+    """A head's final-position attention to both subject tokens, S1 and S2."""
+    return row["attention_to_s1"] + row["attention_to_s2"]
+
+
 def io_selectivity(row: dict) -> float:
     """How much more of its final-position attention a head gives the IO name than both subject tokens."""
-    return row["attention_to_io"] - row["attention_to_s1"] - row["attention_to_s2"]
+    return row["attention_to_io"] - attention_to_s(row)
 
 
 def most_io_selective(heads: list[dict]) -> str:
@@ -73,7 +78,7 @@ def log_row(name: str, info: dict) -> str:
     missing = [label for key, label in CRITERIA if not best["negative_name_mover_criteria"][key]]
     return (
         f"| {name} | {recipe_changes(info['recipe'])} | {test['top1_accuracy']:.1%} | {test['mean_logit_diff']:.2f} "
-        f"| {best['head']}: IO {best['attention_to_io']:.2f} / S {best['attention_to_s1'] + best['attention_to_s2']:.2f}, "
+        f"| {best['head']}: IO {best['attention_to_io']:.2f} / S {attention_to_s(best):.2f}, "
         f"DLA {best['direct_logit_attribution']:+.3f}, removal {best['zero_ablation_effect']:+.3f} "
         f"({best['zero_ablation_effect'] / largest:+.0%} of largest), −a·∂M/∂a {best['minus_a_grad']:+.3f} "
         f"| {', '.join(missing) or '—'} | {most_io_selective(heads)} | {movers(survey, test)} | {info['train_seconds']} s |"
@@ -108,15 +113,15 @@ def search_log(paths: list[Path]) -> str:
         "no longer leaves the answer), `phase2_dropout` and `phase2_head_dropout` (each head's whole output dropped",
         "for a sentence, which rewards heads that repair another head's removal, as copy suppression does in",
         "GPT-2 small). The `h` runs try the issue's other levers: more heads, weight decay, a fifth layer with a",
-        "longer first phase. `g2`-`g5` resumed `g1`'s",
-        "checkpoint at step 2000, which is the shipped model's own training state at its last step. `f3`",
+        "longer first phase. `g2`-`g5` resumed `g1`'s checkpoint at step 2000, which is the shipped model's own",
+        "training state at its last step. `f3`",
         "(`--distractor 0.8`, otherwise as `f1`) was stopped early to free a core for `g1`. `j1` and `j2` ran",
         "the same first phase side by side (their hedging differs only in the second).",
         "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
-        "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\") shows why",
-        "on the shipped model, by patching: the IO name reaches the final position only through layer 0, whose",
+        "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
+        "shows why on the shipped model, by patching: the IO name reaches the final position only through layer 0, whose",
         "heads attend to IO and S1 alike, and the later heads that matter read S2 and push the subject down.",
         "No head has to pick IO out, so there is no IO-attending head for a negative name mover to mirror;",
         "none of the levers above changed that.",
@@ -138,7 +143,7 @@ def search_log(paths: list[Path]) -> str:
     lines += [
         "",
         f"Across all {len(runs)} runs, the most IO-selective head is {name}'s {row['head']}: attention "
-        f"{row['attention_to_io']:.2f} to IO against {row['attention_to_s1'] + row['attention_to_s2']:.2f} to S1 and S2, "
+        f"{row['attention_to_io']:.2f} to IO against {attention_to_s(row):.2f} to S1 and S2, "
         f"a margin of {io_selectivity(row):+.2f}.",
     ]
     return "\n".join(lines) + "\n"

@@ -124,7 +124,10 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
     in the sentence (data that reward hedging, not maximal confidence). A share
     ``recipe.distractor`` of those sentences comes after a filler sentence about
     a third name, which shifts every position and puts in context a name that is
-    neither repeated nor the answer.
+    neither repeated nor the answer; a share ``recipe.shape_variants`` grows a
+    second place and a second object (:func:`vary_shape`); and a share
+    ``recipe.two_pairs`` of all IOI sentences has two pairs of names and answers
+    with the subject's partner.
     """
     if rng.random() < recipe.ioi_fraction:
         template = rng.choice(corpus.TRAIN_TEMPLATES)
