@@ -15,7 +15,7 @@ from attribution_course import corpus
 from attribution_course.train import Recipe, drop_whole_heads, training_sentence
 
 #: SHA-256 of the first 2000 sentences of the default recipe from ``random.Random(0)``: the stream the
-#: shipped model was trained on (the same digest before and after the distractor/dropout flags were added).
+#: shipped model was trained on (the same digest before and after the search flags were added).
 DEFAULT_STREAM_SHA256 = "3fd5ade5132bb3fe9f70312689114361f8a87ce51e3ec78ff98a1dde210c38d3"
 
 
@@ -79,13 +79,15 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     assert not (seen[-1].unflatten(-1, (4, -1)) == 0).all(-1).all(1).any(), "the hooks are gone"
 
 
-@pytest.mark.parametrize("flag", ["distractor", "phase2_dropout", "phase2_head_dropout"])
-def test_search_flags_are_command_line_options(flag):
+@pytest.mark.parametrize("flag", ["distractor", "shape_variants", "two_pairs", "phase2_dropout", "phase2_head_dropout"])
+def test_search_flags_are_command_line_options(flag, capsys):
     from attribution_course.train import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([f"--{flag.replace('_', '-')}", "not-a-number"])
+    # the option exists and parses a number (an unknown option would fail with "unrecognized arguments")
     assert exit_info.value.code == 2
+    assert "invalid float value: 'not-a-number'" in capsys.readouterr().err
 
 
 def test_shape_variants_move_s2_and_the_final_word_but_keep_the_answer():
