@@ -258,3 +258,26 @@ def test_head_bars_show_sign_by_pattern_and_value(reading):
     assert bar.text[0] == f"{values[0]:+.2f}"
     with pytest.raises(ValueError, match="annotations"):
         plots.head_bars(reading.attribution.per_head, title="t", x_title="DLA", annotations=["x"])
+
+
+def test_removal_with_the_final_layernorm_scale_fixed_is_the_direct_effect_in_the_last_layer():
+    """With nothing after the last attention layer but the final LayerNorm (its MLP silenced),
+    removing a last-layer head with the LayerNorm's scale fixed changes the logit difference by
+    exactly minus its direct logit attribution; with the scale free it does not (the check can fail)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from attribution_course.head_survey import survey_heads
+
+    tokenizer = AutoTokenizer.from_pretrained(SHIPPED_MODEL_DIR)
+    prompts = make_ioi_prompts(tokenizer, 16, split="test", seed=1234)
+    hf_model = GPT2LMHeadModel.from_pretrained(SHIPPED_MODEL_DIR)
+    last_mlp = hf_model.transformer.h[-1].mlp.c_proj
+    with torch.no_grad():
+        last_mlp.weight.zero_()
+        last_mlp.bias.zero_()
+    survey = survey_heads(hf_model, prompts)
+    fixed, free, dla = (survey.zero_ablation_effect_fixed_final_ln[-1], survey.zero_ablation_effect[-1],
+                        survey.direct_logit_attribution[-1])
+    torch.testing.assert_close(fixed, -dla, atol=1e-4, rtol=1e-4)
+    assert (free + dla).abs().max() > 0.05, "the scale's own effect should show when it is free"
+    assert (survey.zero_ablation_effect_fixed_final_ln[:-1] - survey.zero_ablation_effect[:-1]).abs().max() > 0.01

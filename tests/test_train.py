@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from attribution_course import corpus
-from attribution_course.train import Recipe, drop_whole_heads, training_sentence
+from attribution_course.train import Recipe, append_identity_blocks, drop_whole_heads, train, training_sentence
 
 #: SHA-256 of the first 2000 sentences of the default recipe from ``random.Random(0)``: the stream the
 #: shipped model was trained on (the same digest before and after the search flags were added).
@@ -79,15 +79,49 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     assert not (seen[-1].unflatten(-1, (4, -1)) == 0).all(-1).all(1).any(), "the hooks are gone"
 
 
-@pytest.mark.parametrize("flag", ["distractor", "shape_variants", "two_pairs", "phase2_dropout", "phase2_head_dropout"])
-def test_search_flags_are_command_line_options(flag, capsys):
+@pytest.mark.parametrize("flag, kind", [
+    ("distractor", "float"), ("shape_variants", "float"), ("two_pairs", "float"), ("phase2_dropout", "float"),
+    ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
+])
+def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([f"--{flag.replace('_', '-')}", "not-a-number"])
     # the option exists and parses a number (an unknown option would fail with "unrecognized arguments")
     assert exit_info.value.code == 2
-    assert "invalid float value: 'not-a-number'" in capsys.readouterr().err
+    assert f"invalid {kind} value: 'not-a-number'" in capsys.readouterr().err
+
+
+def test_appended_blocks_start_as_the_identity():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    grown = append_identity_blocks(model, 2).eval()
+    assert grown.config.n_layer == 4 and model.config.n_layer == 2
+    tokens = torch.randint(0, 30, (5, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(grown(tokens).logits, model(tokens).logits, atol=1e-6, rtol=0)
+        torch.testing.assert_close(grown.transformer.h[1].attn.c_attn.weight, model.transformer.h[1].attn.c_attn.weight)
+
+
+def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_path):
+    """A few steps of a tiny recipe: the first phase's weights are saved at its end, and after a second
+    phase that trains only an appended block they are unchanged while the new block has learned."""
+    from transformers import GPT2LMHeadModel
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=3, batch_size=4, phase2_steps=3, phase2_lr=0.01,
+                    phase2_new_layers=1, phase2_train_new_only=1, hedge_new=0.5)
+    info = train(tmp_path / "model", recipe, checkpoint=tmp_path / "phase1.pt", checkpoint_at=3)
+    assert info["architecture"]["n_layer"] == 2
+    before = torch.load(tmp_path / "phase1.pt", weights_only=False)["model"]
+    after = GPT2LMHeadModel.from_pretrained(tmp_path / "model").state_dict()
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight",
+                "transformer.wpe.weight"):
+        torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
+    assert after["transformer.h.1.attn.c_proj.weight"].abs().max() > 0, "the appended block should have learned"
 
 
 def test_shape_variants_move_s2_and_the_final_word_but_keep_the_answer():

@@ -12,7 +12,12 @@ final position:
 * what removing it does: the exact change in the logit difference when the
   head writes nothing (its slice of the attention output projection's input is
   zeroed, value bias included), and the first-order estimate of that change,
-  ``(0 - z)·∂M/∂z = -z·∂M/∂z``.
+  ``(0 - z)·∂M/∂z = -z·∂M/∂z``;
+* how much of that change goes through the final LayerNorm's scale: the same
+  removal with the final LayerNorm dividing by its scale on the clean run. A
+  head whose removal helps only when the scale is free calibrates by changing
+  the norm of the residual stream (shrinking every logit together), not by
+  writing against the answer.
 
 It works on the Hugging Face model directly (forward hooks on each block's
 ``attn.c_proj``), so the numbers do not depend on how TransformerLens folds or
@@ -41,6 +46,8 @@ class HeadSurvey:
     zero_ablation_estimate: Float[torch.Tensor, "layer head"]
     clean_logit_diff: float
     n_prompts: int
+    #: The zero-ablation effect with the final LayerNorm's scale fixed at its clean value.
+    zero_ablation_effect_fixed_final_ln: Float[torch.Tensor, "layer head"] | None = None
 
     @property
     def attention_to_s(self) -> Float[torch.Tensor, "layer head"]:
@@ -147,9 +154,18 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
             estimate[layer, head] = -(z.detach()[..., cols] * gradient[..., cols]).sum()
     del head_inputs[:]
 
-    # Exact zero ablation: the head's z (value bias included) set to zero, one rerun per head.
+    # Exact zero ablation: the head's z (value bias included) set to zero, one rerun per head;
+    # a second rerun with the final LayerNorm dividing by its clean scale (of every position).
     clean = metric.item()
+    final_ln = model.transformer.ln_f
+    clean_scale = (final_ln_input[0].var(dim=-1, unbiased=False, keepdim=True) + final_ln.eps).sqrt()
+
+    def fixed_scale_ln(module, args, output):
+        centred = args[0] - args[0].mean(dim=-1, keepdim=True)
+        return centred / clean_scale * module.weight + module.bias
+
     effect = torch.zeros(n_layer, n_head)
+    effect_fixed_ln = torch.zeros(n_layer, n_head)
     with torch.no_grad():
         for layer, block in enumerate(blocks):
             for head in range(n_head):
@@ -163,6 +179,11 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
                 handle = block.attn.c_proj.register_forward_pre_hook(silence)
                 try:
                     effect[layer, head] = _logit_diff(model(tokens).logits, prompts).item() - clean
+                    fixing = final_ln.register_forward_hook(fixed_scale_ln)
+                    try:
+                        effect_fixed_ln[layer, head] = _logit_diff(model(tokens).logits, prompts).item() - clean
+                    finally:
+                        fixing.remove()
                 finally:
                     handle.remove()
     return HeadSurvey(
@@ -174,4 +195,5 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
         zero_ablation_estimate=estimate,
         clean_logit_diff=clean,
         n_prompts=len(prompts),
+        zero_ablation_effect_fixed_final_ln=effect_fixed_ln,
     )

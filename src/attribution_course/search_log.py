@@ -70,6 +70,24 @@ def most_io_selective(heads: list[dict]) -> str:
     return f"{row['head']} {io_selectivity(row):+.2f}"
 
 
+def most_helpful_removal(heads: list[dict]) -> dict:
+    """The head whose zero ablation raises the logit difference most."""
+    return max(heads, key=lambda row: row["zero_ablation_effect"])
+
+
+def removal_gain_cell(row: dict) -> str:
+    """E.g. ``L4H3 +0.867 (-0.112 with the final LN scale fixed)``; runs surveyed before that measurement show only the gain."""
+    cell = f"{row['head']} {row['zero_ablation_effect']:+.3f}"
+    if "zero_ablation_effect_fixed_final_ln" in row:
+        cell += f" ({row['zero_ablation_effect_fixed_final_ln']:+.3f} with the final LN scale fixed)"
+    return cell
+
+
+def works_through_final_ln(row: dict) -> bool:
+    """Whether less than half of a head's removal gain survives with the final LayerNorm's scale fixed."""
+    return row["zero_ablation_effect_fixed_final_ln"] < 0.5 * row["zero_ablation_effect"]
+
+
 def log_row(name: str, info: dict) -> str:
     survey, test = info["head_survey"], info["evaluation"]["test"]
     heads = survey["heads"]
@@ -81,7 +99,8 @@ def log_row(name: str, info: dict) -> str:
         f"| {best['head']}: IO {best['attention_to_io']:.2f} / S {attention_to_s(best):.2f}, "
         f"DLA {best['direct_logit_attribution']:+.3f}, removal {best['zero_ablation_effect']:+.3f} "
         f"({best['zero_ablation_effect'] / largest:+.0%} of largest), −a·∂M/∂a {best['minus_a_grad']:+.3f} "
-        f"| {', '.join(missing) or '—'} | {most_io_selective(heads)} | {movers(survey, test)} | {info['train_seconds']} s |"
+        f"| {', '.join(missing) or '—'} | {most_io_selective(heads)} | {removal_gain_cell(most_helpful_removal(heads))} "
+        f"| {movers(survey, test)} | {info['train_seconds']} s |"
     )
 
 
@@ -118,6 +137,17 @@ def search_log(paths: list[Path]) -> str:
         "(`--distractor 0.8`, otherwise as `f1`) was stopped early to free a core for `g1`. `j1` and `j2` ran",
         "the same first phase side by side (their hedging differs only in the second).",
         "",
+        "The `k` runs resumed `g1`'s checkpoint too, and appended fresh blocks above the trained four",
+        "(`phase2_new_layers`; each starts as the identity, its writes to the residual stream zero), in most",
+        "with the trained blocks frozen (`phase2_train_new_only`): the new late layer then sees the confident",
+        "prediction of a finished IOI circuit and can only correct it, which is where GPT-2 small's negative name",
+        "movers sit (its last two layers). With hedged targets the new heads did learn to lower the logit difference,",
+        "but by changing the norm of the residual stream, not by attending to IO: see the *largest removal gain*",
+        "column, which repeats that head's removal with the final LayerNorm dividing by its clean scale (of every",
+        "position). `head_survey` measures this since the `k` runs; every earlier run was re-measured from its",
+        "saved weights with `python -m attribution_course.train --resurvey --out DIR` (recipe and training time",
+        "kept; every other number came out the same).",
+        "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
         "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
@@ -131,8 +161,9 @@ def search_log(paths: list[Path]) -> str:
         "(`--hedge-s 0.15`) and `c5` (`--hedge-s 0.1 --hedge-new 0.1`), branches of `c1`'s checkpoint stopped",
         "when that checkpoint turned out to have no IOI circuit yet (held-out top-1 53.5% at step 1800).",
         "",
-        "| run | recipe | held-out top-1 | logit diff | best candidate | fails | most IO-selective head | negative name movers | training |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | recipe | held-out top-1 | logit diff | best candidate | fails | most IO-selective head "
+        "| largest removal gain | negative name movers | training |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     runs = {path.stem: json.loads(path.read_text()) for path in paths}
     lines += [log_row(name, info) for name, info in runs.items()]
@@ -145,6 +176,16 @@ def search_log(paths: list[Path]) -> str:
         f"Across all {len(runs)} runs, the most IO-selective head is {name}'s {row['head']}: attention "
         f"{row['attention_to_io']:.2f} to IO against {attention_to_s(row):.2f} to S1 and S2, "
         f"a margin of {io_selectivity(row):+.2f}.",
+    ]
+    solving = [info for info in runs.values() if info["evaluation"]["test"]["top1_accuracy"] >= SOLVES_IOI_TOP1]
+    gains = [most_helpful_removal(info["head_survey"]["heads"]) for info in solving]
+    through_ln = [row for row in gains if works_through_final_ln(row)]
+    lines += [
+        "",
+        f"In the {len(solving)} runs that solve IOI, the head whose removal helps most keeps less than half of that "
+        f"gain when the final LayerNorm divides by its clean scale in {len(through_ln)}: most of such a head's "
+        "gain comes from the norm of the residual stream at the final LayerNorm, which scales every logit "
+        "together, not from anything it writes against the IO name.",
     ]
     return "\n".join(lines) + "\n"
 

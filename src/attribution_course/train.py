@@ -74,6 +74,13 @@ class Recipe:
     phase2_dropout: float = 0.0
     #: In the second phase, each head's whole output is dropped for a sentence with this probability.
     phase2_head_dropout: float = 0.0
+    #: Blocks appended above the trained ones when the second phase starts. Each starts as the
+    #: identity (its writes to the residual stream are zero), so it begins with the trained model's
+    #: predictions and can only learn to correct them, as a late head of a deep model does.
+    phase2_new_layers: int = 0
+    #: 1: in the second phase only the appended blocks learn; the trained model below them is frozen
+    #: (head dropout, if any, then silences heads of the frozen blocks only).
+    phase2_train_new_only: int = 0
     seed: int = 0
 
     @property
@@ -89,7 +96,8 @@ class Recipe:
 
     @property
     def architecture(self) -> dict:
-        return dict(n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd, n_positions=32)
+        """The architecture of the finished model (appended blocks included)."""
+        return dict(n_layer=self.n_layer + self.phase2_new_layers, n_head=self.n_head, n_embd=self.n_embd, n_positions=32)
 
 
 def build_tokenizer():
@@ -210,7 +218,30 @@ def evaluate(model, tokenizer, n_prompts: int = 600, seed: int = 1234) -> dict:
     return results
 
 
-def drop_whole_heads(model, p: float) -> list:
+def append_identity_blocks(model, n_new: int):
+    """A copy of ``model`` with ``n_new`` fresh blocks between its last block and the final LayerNorm.
+
+    The new blocks' output projections are zero, so the grown model computes exactly what ``model``
+    does until training changes them.
+    """
+    import copy
+
+    from transformers import GPT2LMHeadModel
+
+    config = copy.deepcopy(model.config)
+    config.n_layer += n_new
+    grown = GPT2LMHeadModel(config)
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and all(key.startswith("transformer.h.") for key in missing), (missing, unexpected)
+    with torch.no_grad():
+        for block in grown.transformer.h[model.config.n_layer :]:
+            for projection in (block.attn.c_proj, block.mlp.c_proj):
+                projection.weight.zero_()
+                projection.bias.zero_()
+    return grown
+
+
+def drop_whole_heads(model, p: float, blocks=None) -> list:
     """In training mode, silence each head's output ``z`` for a whole sentence with probability ``p``.
 
     Attention-probability dropout removes a single-position head's output only now and then and
@@ -225,7 +256,8 @@ def drop_whole_heads(model, p: float) -> list:
         keep = (torch.rand(z.shape[0], 1, n_head, 1) >= p).to(z.dtype) / (1 - p)
         return ((z.unflatten(-1, (n_head, -1)) * keep).flatten(-2),)
 
-    return [block.attn.c_proj.register_forward_pre_hook(drop) for block in model.transformer.h]
+    blocks = model.transformer.h if blocks is None else blocks
+    return [block.attn.c_proj.register_forward_pre_hook(drop) for block in blocks]
 
 
 def _training_state(model, optimizer, schedule, rng: random.Random, step: int) -> dict:
@@ -264,7 +296,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         resid_pdrop=recipe.dropout,
         embd_pdrop=recipe.dropout,
         attn_pdrop=recipe.dropout,
-        **recipe.architecture,
+        **{**recipe.architecture, "n_layer": recipe.n_layer},
     )
     model = GPT2LMHeadModel(config)
     name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
@@ -295,6 +327,15 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         if checkpoint is not None and step == checkpoint_at:
             torch.save(_training_state(model, optimizer, schedule, rng, step), checkpoint)
         if step == steps:  # the second phase starts with a fresh warm-up and decay
+            if recipe.phase2_new_layers:
+                model = append_identity_blocks(model, recipe.phase2_new_layers)
+                model.train()
+                embedding = model.transformer.wte.weight
+                if recipe.phase2_train_new_only:
+                    model.requires_grad_(False)
+                    model.transformer.h[recipe.n_layer :].requires_grad_(True)
+                learning = [p for p in model.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(learning, lr=recipe.phase2_lr, weight_decay=recipe.weight_decay)
             schedule = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=recipe.phase2_lr, total_steps=recipe.phase2_steps, pct_start=0.05
             )
@@ -303,7 +344,9 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                     if isinstance(module, torch.nn.Dropout):
                         module.p = recipe.phase2_dropout
             if recipe.phase2_head_dropout:
-                head_dropout_handles = drop_whole_heads(model, recipe.phase2_head_dropout)
+                frozen = recipe.phase2_train_new_only and recipe.phase2_new_layers
+                blocks = model.transformer.h[: recipe.n_layer] if frozen else model.transformer.h
+                head_dropout_handles = drop_whole_heads(model, recipe.phase2_head_dropout, blocks)
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
@@ -312,7 +355,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
         if step % 250 == 0 or step == recipe.total_steps - 1:
@@ -349,6 +392,25 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     return info
 
 
+def resurvey(out_dir: Path) -> dict:
+    """Re-measure a saved model with this code: its evaluation and head survey, card rewritten.
+
+    For runs trained before a measurement was added to the survey; everything else in
+    ``training_info.json`` (recipe, training time, versions) is the training run's.
+    """
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    torch.set_num_threads(1)
+    info = json.loads((out_dir / "training_info.json").read_text())
+    model = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+    info["evaluation"] = evaluate(model, tokenizer)
+    info["head_survey"] = survey(model, tokenizer)
+    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out_dir / "MODEL_CARD.md").write_text(model_card(info))
+    return info
+
+
 #: Held-out prompts for the per-head survey of the model card (and of tests/test_shipped_model.py).
 SURVEY_PROMPTS = dict(n_prompts=200, split="test", seed=1234)
 
@@ -371,6 +433,7 @@ def survey(model, tokenizer) -> dict:
                 "direct_logit_attribution": round(result.direct_logit_attribution[layer, head].item(), 4),
                 "zero_ablation_effect": round(result.zero_ablation_effect[layer, head].item(), 4),
                 "minus_a_grad": round(result.zero_ablation_estimate[layer, head].item(), 4),
+                "zero_ablation_effect_fixed_final_ln": round(result.zero_ablation_effect_fixed_final_ln[layer, head].item(), 4),
                 "negative_name_mover_criteria": result.negative_name_mover_criteria(layer, head),
             })
     return {
@@ -482,6 +545,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}[field.type], default=field.default)
     parser.add_argument("--rewrite-card", action="store_true",
                         help="only rewrite MODEL_CARD.md in --out from its training_info.json (no training)")
+    parser.add_argument("--resurvey", action="store_true",
+                        help="only re-measure the model saved in --out (evaluation and head survey) with this code, "
+                        "rewriting its training_info.json and MODEL_CARD.md (recipe and training time kept; no training)")
     parser.add_argument("--checkpoint", type=Path, help="save the training state here (recipe searches)")
     parser.add_argument("--checkpoint-at", type=int, help="... before this step")
     parser.add_argument("--resume", type=Path, help="continue from a saved training state")
@@ -489,6 +555,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.rewrite_card:
         info = json.loads((args.out / "training_info.json").read_text())
         (args.out / "MODEL_CARD.md").write_text(model_card(info))
+        return
+    if args.resurvey:
+        resurvey(args.out)
         return
     recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
     info = train(args.out, recipe, checkpoint=args.checkpoint, checkpoint_at=args.checkpoint_at, resume=args.resume)
