@@ -96,6 +96,16 @@ def test_attention_agrees_with_plain_transformers(survey_and_reading):
         torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
+def test_attention_to_the_final_position_itself_agrees_with_the_bridge(survey_and_reading):
+    _, bridge, prompts, survey, _ = survey_and_reading
+    cache = circuit.cache_for_reading(bridge, prompts)
+    end = prompts.end_position
+    ours = torch.stack([cache[f"blocks.{layer}.attn.hook_pattern"][:, :, end, end].mean(0)
+                        for layer in range(bridge.cfg.n_layers)])
+    torch.testing.assert_close(survey.attention_to_end, ours, atol=1e-5, rtol=0)
+    assert survey.attention_to_end.max() > 0.05  # some head looks at the final position itself
+
+
 def _folded_value_bias_attribution(hf_model, bridge, prompts) -> torch.Tensor:
     """DLA of each head's constant value-bias output ``(ln_1.bias @ W_V + b_V) @ W_O``, [layer, head].
 

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 from attribution_course import corpus
-from attribution_course.train import Recipe, append_identity_blocks, drop_whole_heads, train, training_sentence
+from attribution_course.train import (
+    Recipe,
+    append_identity_blocks,
+    detach_final_ln_scale,
+    drop_whole_heads,
+    train,
+    training_sentence,
+)
 
 #: SHA-256 of the first 2000 sentences of the default recipe from ``random.Random(0)``: the stream the
 #: shipped model was trained on (the same digest before and after the search flags were added).
@@ -82,6 +89,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
 @pytest.mark.parametrize("flag, kind", [
     ("distractor", "float"), ("shape_variants", "float"), ("two_pairs", "float"), ("phase2_dropout", "float"),
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
+    ("phase2_detach_final_ln_scale", "int"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -147,3 +155,29 @@ def test_two_pair_sentences_answer_with_the_subjects_partner():
         assert len({a, b, c, d}) == 4 and s in partner and answer == partner[s], sentence
         seen += s in (c, d)
     assert 60 < seen < 140, "the subject is in either pair"
+
+
+def test_detaching_the_final_ln_scale_changes_the_gradient_not_the_forward_pass():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config).train()
+    tokens = torch.randint(0, 30, (4, 8))
+
+    def logits_and_gradient():
+        model.zero_grad()
+        logits = model(tokens).logits
+        logits[..., 3].sum().backward()  # one token's logit: its gradient runs through the LayerNorm's scale
+        return logits.detach(), model.transformer.h[0].mlp.c_proj.weight.grad.clone()
+
+    live_logits, live_gradient = logits_and_gradient()
+    handle = detach_final_ln_scale(model)
+    detached_logits, detached_gradient = logits_and_gradient()
+    torch.testing.assert_close(detached_logits, live_logits, atol=1e-6, rtol=1e-6)
+    assert (detached_gradient - live_gradient).abs().max() > 1e-4
+    model.eval()
+    _, eval_gradient = logits_and_gradient()
+    torch.testing.assert_close(eval_gradient, live_gradient)  # the hook acts in training mode only
+    handle.remove()

@@ -5,7 +5,8 @@ module to decide, on held-out prompts, what each attention head does at the
 final position:
 
 * where it looks: mean attention from the final position to the IO name, the
-  first subject (S1) and the repeated subject (S2);
+  first subject (S1), the repeated subject (S2) and the final position itself
+  (a head that reads the prediction already made there, not any name);
 * what it writes: its direct logit attribution (DLA) to ``logit(IO) - logit(S)``,
   the head's output passed through the final LayerNorm with the LayerNorm's
   scale frozen at its value on the run;
@@ -48,6 +49,8 @@ class HeadSurvey:
     n_prompts: int
     #: The zero-ablation effect with the final LayerNorm's scale fixed at its clean value.
     zero_ablation_effect_fixed_final_ln: Float[torch.Tensor, "layer head"] | None = None
+    #: Attention from the final position to itself.
+    attention_to_end: Float[torch.Tensor, "layer head"] | None = None
 
     @property
     def attention_to_s(self) -> Float[torch.Tensor, "layer head"]:
@@ -135,6 +138,7 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
     attention_to_io = patterns[rows, :, :, prompts.io_positions].mean(dim=0)
     attention_to_s1 = patterns[rows, :, :, prompts.s1_positions].mean(dim=0)
     attention_to_s2 = patterns[..., prompts.s2_position].mean(dim=0)
+    attention_to_end = patterns[..., end].mean(dim=0)
 
     # Direct logit attribution: each head's write at the final position through ln_f with its scale frozen.
     resid = final_ln_input[0][:, end]  # [batch, d_model]
@@ -196,4 +200,5 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
         clean_logit_diff=clean,
         n_prompts=len(prompts),
         zero_ablation_effect_fixed_final_ln=effect_fixed_ln,
+        attention_to_end=attention_to_end,
     )

@@ -40,6 +40,9 @@ def best_candidate(heads: list[dict]) -> dict:
     return max(heads, key=lambda row: (sum(row["negative_name_mover_criteria"].values()), row["zero_ablation_effect"]))
 
 
+#: A head "writes against the answer" in the log's summary when its direct logit attribution is this or lower.
+STRONG_NEGATIVE_DLA = -0.1
+
 #: A negative name mover counts only in a model that solves the task (issue 9's bar).
 SOLVES_IOI_TOP1 = 0.95
 
@@ -76,11 +79,8 @@ def most_helpful_removal(heads: list[dict]) -> dict:
 
 
 def removal_gain_cell(row: dict) -> str:
-    """E.g. ``L4H3 +0.867 (-0.112 with the final LN scale fixed)``; runs surveyed before that measurement show only the gain."""
-    cell = f"{row['head']} {row['zero_ablation_effect']:+.3f}"
-    if "zero_ablation_effect_fixed_final_ln" in row:
-        cell += f" ({row['zero_ablation_effect_fixed_final_ln']:+.3f} with the final LN scale fixed)"
-    return cell
+    """E.g. ``L4H3 +0.867 (-0.112 with the final LN scale fixed)``."""
+    return f"{row['head']} {row['zero_ablation_effect']:+.3f} ({row['zero_ablation_effect_fixed_final_ln']:+.3f} with the final LN scale fixed)"
 
 
 def works_through_final_ln(row: dict) -> bool:
@@ -148,6 +148,16 @@ def search_log(paths: list[Path]) -> str:
         "saved weights with `python -m attribution_course.train --resurvey --out DIR` (recipe and training time",
         "kept; every other number came out the same).",
         "",
+        "The `l` runs close that route: `phase2_detach_final_ln_scale` lets no gradient through the final",
+        "LayerNorm's scale (the forward pass is unchanged), so lowering a logit cannot be learned by inflating",
+        "the norm; `l1` and `l2` freeze the trained blocks as `k1` and `k4` did, `l3` and `l4` do not. The `m` runs",
+        "also keep the appended block's MLP at zero (`phase2_new_attention_only`), so that its attention heads",
+        "are the only thing that learns. With the scale detached the new heads do write against the answer",
+        "(`m4`'s best candidate has a direct logit attribution below -1), but without looking at IO: `m4`'s attend",
+        "mostly to the final position itself, where the prediction is already made, and the others to non-name",
+        "words (the line below the table sums them up). With the scale's gradient left on (`m3`) the appended",
+        "heads go back to the norm.",
+        "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
         "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
@@ -180,6 +190,21 @@ def search_log(paths: list[Path]) -> str:
     solving = [info for info in runs.values() if info["evaluation"]["test"]["top1_accuracy"] >= SOLVES_IOI_TOP1]
     gains = [most_helpful_removal(info["head_survey"]["heads"]) for info in solving]
     through_ln = [row for row in gains if works_through_final_ln(row)]
+    writers = [
+        row
+        for info in solving
+        for row in info["head_survey"]["heads"]
+        if row["direct_logit_attribution"] <= STRONG_NEGATIVE_DLA
+    ]
+    lines += [
+        "",
+        f"In the runs that solve IOI, {len(writers)} heads write against the answer with a direct logit attribution of "
+        f"{STRONG_NEGATIVE_DLA} or below; {sum(row['attention_to_io'] >= 0.3 for row in writers)} of them give IO at "
+        f"least 0.3 of their attention, and on average they give IO "
+        f"{sum(row['attention_to_io'] for row in writers) / max(len(writers), 1):.2f}, S1 and S2 "
+        f"{sum(attention_to_s(row) for row in writers) / max(len(writers), 1):.2f} and the final position itself "
+        f"{sum(row['attention_to_end'] for row in writers) / max(len(writers), 1):.2f}.",
+    ]
     lines += [
         "",
         f"In the {len(solving)} runs that solve IOI, the head whose removal helps most keeps less than half of that "

@@ -81,6 +81,11 @@ class Recipe:
     #: 1: in the second phase only the appended blocks learn; the trained model below them is frozen
     #: (head dropout, if any, then silences heads of the frozen blocks only).
     phase2_train_new_only: int = 0
+    #: 1: the appended blocks' MLPs stay zero and do not learn; only their attention heads do.
+    phase2_new_attention_only: int = 0
+    #: 1: in the second phase no gradient flows through the final LayerNorm's scale (the forward pass
+    #: is unchanged), so lowering a logit cannot be learned by inflating the residual stream's norm.
+    phase2_detach_final_ln_scale: int = 0
     seed: int = 0
 
     @property
@@ -241,6 +246,19 @@ def append_identity_blocks(model, n_new: int):
     return grown
 
 
+def detach_final_ln_scale(model):
+    """In training mode, the final LayerNorm divides by its scale as usual, but the gradient treats it as constant."""
+
+    def constant_scale(module, args, output):
+        if not module.training:
+            return None
+        centred = args[0] - args[0].mean(dim=-1, keepdim=True)
+        scale = (centred.pow(2).mean(dim=-1, keepdim=True) + module.eps).sqrt()
+        return centred / scale.detach() * module.weight + module.bias
+
+    return model.transformer.ln_f.register_forward_hook(constant_scale)
+
+
 def drop_whole_heads(model, p: float, blocks=None) -> list:
     """In training mode, silence each head's output ``z`` for a whole sentence with probability ``p``.
 
@@ -312,7 +330,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     if recipe.two_pairs:  # ... and a second pair of names
         length += 4
     first_step = 0
-    head_dropout_handles = []
+    phase2_hooks = []
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
@@ -334,6 +352,9 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                 if recipe.phase2_train_new_only:
                     model.requires_grad_(False)
                     model.transformer.h[recipe.n_layer :].requires_grad_(True)
+                if recipe.phase2_new_attention_only:
+                    for block in model.transformer.h[recipe.n_layer :]:
+                        block.mlp.requires_grad_(False)
                 learning = [p for p in model.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(learning, lr=recipe.phase2_lr, weight_decay=recipe.weight_decay)
             schedule = torch.optim.lr_scheduler.OneCycleLR(
@@ -346,7 +367,9 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             if recipe.phase2_head_dropout:
                 frozen = recipe.phase2_train_new_only and recipe.phase2_new_layers
                 blocks = model.transformer.h[: recipe.n_layer] if frozen else model.transformer.h
-                head_dropout_handles = drop_whole_heads(model, recipe.phase2_head_dropout, blocks)
+                phase2_hooks = drop_whole_heads(model, recipe.phase2_head_dropout, blocks)
+            if recipe.phase2_detach_final_ln_scale:
+                phase2_hooks.append(detach_final_ln_scale(model))
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
@@ -361,7 +384,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         if step % 250 == 0 or step == recipe.total_steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
-    for handle in head_dropout_handles:
+    for handle in phase2_hooks:
         handle.remove()
     with torch.no_grad():
         embedding[name_ids] = fixed_name_embeddings
@@ -430,6 +453,7 @@ def survey(model, tokenizer) -> dict:
                 "attention_to_io": round(result.attention_to_io[layer, head].item(), 4),
                 "attention_to_s1": round(result.attention_to_s1[layer, head].item(), 4),
                 "attention_to_s2": round(result.attention_to_s2[layer, head].item(), 4),
+                "attention_to_end": round(result.attention_to_end[layer, head].item(), 4),
                 "direct_logit_attribution": round(result.direct_logit_attribution[layer, head].item(), 4),
                 "zero_ablation_effect": round(result.zero_ablation_effect[layer, head].item(), 4),
                 "minus_a_grad": round(result.zero_ablation_estimate[layer, head].item(), 4),
