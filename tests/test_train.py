@@ -7,6 +7,7 @@ must add draws only when they are set.
 
 import hashlib
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -37,7 +38,7 @@ def test_the_default_recipe_draws_the_shipped_models_sentences():
 
 
 def test_phase2_only_flags_do_not_touch_the_sentences():
-    assert sentences(Recipe(phase2_dropout=0.1, phase2_head_dropout=0.2), 300) == sentences(Recipe(), 300)
+    assert sentences(Recipe(phase2_steps=10, phase2_dropout=0.1, phase2_head_dropout=0.2), 300) == sentences(Recipe(), 300)
 
 
 def test_distractor_sentences_put_a_third_name_first_and_keep_the_ioi_answer():
@@ -89,7 +90,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
 @pytest.mark.parametrize("flag, kind", [
     ("distractor", "float"), ("shape_variants", "float"), ("two_pairs", "float"), ("phase2_dropout", "float"),
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
-    ("phase2_detach_final_ln_scale", "int"),
+    ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -122,14 +123,46 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
 
     recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=3, batch_size=4, phase2_steps=3, phase2_lr=0.01,
                     phase2_new_layers=1, phase2_train_new_only=1, hedge_new=0.5)
-    info = train(tmp_path / "model", recipe, checkpoint=tmp_path / "phase1.pt", checkpoint_at=3)
-    assert info["architecture"]["n_layer"] == 2
+    train(tmp_path / "model", recipe, checkpoint=tmp_path / "phase1.pt", checkpoint_at=3)
     before = torch.load(tmp_path / "phase1.pt", weights_only=False)["model"]
-    after = GPT2LMHeadModel.from_pretrained(tmp_path / "model").state_dict()
+    grown = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    assert grown.config.n_layer == 2
+    after = grown.state_dict()
     for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.ln_f.weight",
                 "transformer.wpe.weight"):
         torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
     assert after["transformer.h.1.attn.c_proj.weight"].abs().max() > 0, "the appended block should have learned"
+    assert after["transformer.h.1.mlp.c_proj.weight"].abs().max() > 0, "its MLP too, unless told otherwise"
+
+    attention_only = train(tmp_path / "attention_only", replace(recipe, phase2_new_attention_only=1))
+    after = GPT2LMHeadModel.from_pretrained(tmp_path / "attention_only").state_dict()
+    assert after["transformer.h.1.attn.c_proj.weight"].abs().max() > 0
+    assert after["transformer.h.1.mlp.c_proj.weight"].abs().max() == 0, "the appended MLP must stay silent"
+    assert attention_only["architecture"]["n_layer"] == 2
+
+
+@pytest.mark.parametrize("flags", [
+    dict(phase2_new_layers=1),  # no second phase to append them in
+    dict(phase2_detach_final_ln_scale=1),
+    dict(phase2_steps=10, phase2_train_new_only=1),  # nothing appended to train
+    dict(phase2_steps=10, phase2_new_attention_only=1),
+])
+def test_flags_that_would_do_nothing_are_refused(flags):
+    with pytest.raises(ValueError, match="set phase2_"):
+        Recipe(**flags)
+
+
+def test_sentences_longer_than_the_model_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="32 positions"):
+        train(tmp_path, Recipe(n_layer=1, n_head=2, n_embd=16, steps=1, distractor=1.0, shape_variants=1.0, hedge_place=1.0))
+
+
+def test_place_hedging_continues_with_the_place_and_adds_no_draws_when_off():
+    assert sentences(Recipe(hedge_place=0.0), 300) == sentences(Recipe(), 300)
+    hedged = sentences(Recipe(hedge_place=1.0, ioi_fraction=1.0), 50)
+    for sentence in hedged:
+        words = sentence.split()
+        assert words[-4] == "to" and words[-3] == "the" and words[-2] in corpus.PLACES and words[-1] == ".", sentence
 
 
 def test_shape_variants_move_s2_and_the_final_word_but_keep_the_answer():

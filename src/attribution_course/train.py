@@ -51,6 +51,10 @@ class Recipe:
     ioi_fraction: float = 0.8
     hedge_s: float = 0.0
     hedge_new: float = 0.0
+    #: A share of the IOI sentences that continue with "the PLACE ." instead of a name: hedging towards a
+    #: word that is not a name, so that shrinking every name logit together (or the whole residual
+    #: stream) also shrinks the logit of the right alternative.
+    hedge_place: float = 0.0
     abc_new: float = 0.0
     #: A share of the IOI sentences that follow a filler sentence about a third name (the
     #: distractor): every position moves, and a name in context is neither the answer nor repeated.
@@ -88,6 +92,16 @@ class Recipe:
     phase2_detach_final_ln_scale: int = 0
     seed: int = 0
 
+    def __post_init__(self):
+        # Flags that would otherwise do nothing, silently, while the log lists them as tried.
+        if not self.phase2_steps:
+            second_phase = ("phase2_dropout", "phase2_head_dropout", "phase2_new_layers", "phase2_detach_final_ln_scale")
+            if set_without := [name for name in second_phase if getattr(self, name)]:
+                raise ValueError(f"{', '.join(set_without)} act in the second phase: set phase2_steps too")
+        if not self.phase2_new_layers:
+            if set_without := [name for name in ("phase2_train_new_only", "phase2_new_attention_only") if getattr(self, name)]:
+                raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
+
     @property
     def total_steps(self) -> int:
         return self.steps + self.phase2_steps
@@ -97,7 +111,7 @@ class Recipe:
         extra_from = self.steps if self.phase2_steps else self.extra_data_from * self.steps
         if step >= extra_from:
             return self
-        return replace(self, hedge_s=0.0, hedge_new=0.0, abc_new=0.0)
+        return replace(self, hedge_s=0.0, hedge_new=0.0, hedge_place=0.0, abc_new=0.0)
 
     @property
     def architecture(self) -> dict:
@@ -160,12 +174,14 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
         a, b = (io, s) if rng.random() < 0.5 else (s, io)
         text = fill_template(template, a, b, s, rng.choice(corpus.PLACES), rng.choice(corpus.OBJECTS))
         answer = io
-        if recipe.hedge_s or recipe.hedge_new:
+        if recipe.hedge_s or recipe.hedge_new or recipe.hedge_place:
             roll = rng.random()
             if roll < recipe.hedge_s:
                 answer = s
             elif roll < recipe.hedge_s + recipe.hedge_new:
                 answer = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s)])
+            elif roll < recipe.hedge_s + recipe.hedge_new + recipe.hedge_place:
+                answer = f"the {rng.choice(corpus.PLACES)}"
         if recipe.shape_variants:
             text = vary_shape(rng, text, recipe.shape_variants)
         if recipe.distractor and rng.random() < recipe.distractor:
@@ -227,7 +243,10 @@ def append_identity_blocks(model, n_new: int):
     """A copy of ``model`` with ``n_new`` fresh blocks between its last block and the final LayerNorm.
 
     The new blocks' output projections are zero, so the grown model computes exactly what ``model``
-    does until training changes them.
+    does until training changes them. Building it draws from torch's generator (the fresh model's
+    initialisation), so the later random draws of a run that grows differ from one that does not; and
+    ``train`` gives the grown model a new optimiser, so the trained blocks, when they keep learning, start
+    the second phase without their Adam moments.
     """
     import copy
 
@@ -329,6 +348,11 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         length += 6
     if recipe.two_pairs:  # ... and a second pair of names
         length += 4
+    if recipe.hedge_place:  # ... and "the PLACE" as the answer
+        length += 1
+    if length > recipe.architecture["n_positions"]:
+        raise ValueError(f"these flags together make sentences of up to {length} tokens; the model has "
+                         f"{recipe.architecture['n_positions']} positions")
     first_step = 0
     phase2_hooks = []
     if resume is not None:
@@ -339,6 +363,9 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         torch.set_rng_state(state["torch_rng"])
         rng.setstate(state["python_rng"])
         first_step = state["step"]
+        if first_step > steps and recipe.phase2_steps:
+            raise ValueError(f"{resume} was saved inside the second phase (step {first_step}); resume from a state "
+                             f"saved at or before step {steps}, where the second phase is set up")
     start = time.perf_counter()
     model.train()
     for step in range(first_step, recipe.total_steps):
@@ -396,7 +423,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     tokenizer.save_pretrained(out_dir)
     info = {
         "recipe": asdict(recipe),
-        "architecture": recipe.architecture,
+        "architecture": {**recipe.architecture, "n_layer": model.config.n_layer},  # as trained, appended blocks included
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "steps": steps,
