@@ -30,6 +30,7 @@ TOPICS = {  # issue 4's list of topics -> exercises that cover it
     "choosing the base run and the gradient (noising and denoising)": ["5.6"],
     "integrated gradients where the zero-ablation sign fails": ["6.5"],
     "per-edge attention attribution with the zero-ablation sign": ["6.6"],
+    "a large head whose removal helps, which the wrong sign calls supporting (issue 9)": ["6.7"],
     "AtP*'s QK fix against saturation": ["8.5"],
     "AtP*'s GradDrop against cancelling paths": ["8.6"],
     "direct versus total effect (path patching to the logits)": ["4.5"],

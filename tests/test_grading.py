@@ -71,6 +71,9 @@ HIDDEN_MUTATIONS = {
         # the notebook's threshold instead of the argument
         ("6.5", "point = (1 - (k + 0.5) / steps) * a", "point = (1 - (k + 0.5) / 8) * a", "hidden input"),
         # the notebook's number of steps
+        ("6.7", "flagged = ((exact > min_gain) & (a_dot_grad < 0))",
+         "flagged = ((exact > 0.1 * exact.abs().max()) & (a_dot_grad < 0))", "hidden input"),
+        # the notebook's rule for min_gain instead of the argument
     ],
     "07_mean_ablation_and_baselines": [(
         "7.1", "act.mean(dim=0, keepdim=True).expand(batch_size, *act.shape[1:])",

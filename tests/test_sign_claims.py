@@ -5,6 +5,8 @@ book is built; these tests keep them true when the book is not rebuilt, and use
 the chapter's own prompts (32 held-out prompts, seed 0) so prose and tests agree.
 """
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -81,3 +83,51 @@ def test_pattern_attribution_equals_head_zero_ablation_estimate(chapter6):
     pattern = patching.attribution_sweep(c["model"], clean, c["metric"], zero_patterns, "pattern")
     torch.testing.assert_close(pattern, c["folded_right"], atol=1e-4, rtol=1e-4)
     assert not torch.allclose(c["folded_right"], c["right"], atol=1e-3), "the value bias should matter on this model"
+
+
+# ---------------------------------------------------------------- the hedging variant (chapter 6's large case)
+
+
+@pytest.fixture(scope="module")
+def hedging_variant():
+    from attribution_course.diagnosis import Freeze, frozen_exact_sweep
+    from attribution_course.model import HEDGING_VARIANT_DIR, load_model
+
+    model = load_model(HEDGING_VARIANT_DIR)
+    prompts = make_ioi_prompts(model, **CHAPTER_PROMPTS)
+    clean = prompts.clean_tokens
+    metric = lambda logits: logit_diff(logits, prompts)  # noqa: E731
+    zeros = patching.replacement_activations(model, "head", kind="zero", base_tokens=clean)
+    return dict(
+        exact=patching.exact_sweep(model, clean, metric, zeros, "head"),
+        right=patching.attribution_sweep(model, clean, metric, zeros, "head"),
+        fixed_scale=frozen_exact_sweep(model, clean, metric, zeros, "head", Freeze(("ln_final.hook_scale",))),
+    )
+
+
+def test_the_hedging_variant_has_a_large_head_whose_removal_helps_and_the_wrong_sign_calls_it_supporting(hedging_variant):
+    exact, right = hedging_variant["exact"], hedging_variant["right"]
+    layer, head = divmod(int(exact.argmax()), exact.shape[1])
+    assert exact[layer, head] >= 0.1 * exact.abs().max(), f"the largest gain is small: {exact}"
+    assert right[layer, head] > 0 > -right[layer, head]
+    assert sign_claim_violations(exact, right, -right) == []
+
+
+def test_the_hedging_variants_gain_goes_through_the_final_layernorm_scale(hedging_variant):
+    exact, fixed = hedging_variant["exact"], hedging_variant["fixed_scale"]
+    layer, head = divmod(int(exact.argmax()), exact.shape[1])
+    assert fixed[layer, head] < 0.5 * exact[layer, head], (exact[layer, head], fixed[layer, head])
+    # the experiment is not a no-op: heads that write the answer directly keep their effect
+    strongest = exact.abs().argmax()
+    assert fixed.flatten()[strongest] == pytest.approx(exact.flatten()[strongest].item(), rel=0.5)
+
+
+def test_the_hedging_variant_is_trained_by_its_recipe():
+    import json
+
+    from attribution_course.model import HEDGING_VARIANT_DIR
+    from attribution_course.train import HEDGING_VARIANT_RECIPE, VARIANTS
+
+    info = json.loads((HEDGING_VARIANT_DIR / "training_info.json").read_text())
+    assert info["recipe"] == asdict(HEDGING_VARIANT_RECIPE), "retrain with `make train-variant`"
+    assert VARIANTS["hedging"] == (HEDGING_VARIANT_RECIPE, HEDGING_VARIANT_DIR)

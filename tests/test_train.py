@@ -133,6 +133,8 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
         torch.testing.assert_close(after[key], before[key], atol=0, rtol=0)
     assert after["transformer.h.1.attn.c_proj.weight"].abs().max() > 0, "the appended block should have learned"
     assert after["transformer.h.1.mlp.c_proj.weight"].abs().max() > 0, "its MLP too, unless told otherwise"
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in (tmp_path / "model").iterdir()), \
+        "every file must be readable by others (the grading sandbox's user)"
 
     attention_only = train(tmp_path / "attention_only", replace(recipe, phase2_new_attention_only=1))
     after = GPT2LMHeadModel.from_pretrained(tmp_path / "attention_only").state_dict()
@@ -214,3 +216,23 @@ def test_detaching_the_final_ln_scale_changes_the_gradient_not_the_forward_pass(
     _, eval_gradient = logits_and_gradient()
     torch.testing.assert_close(eval_gradient, live_gradient)  # the hook acts in training mode only
     handle.remove()
+
+
+def test_the_command_line_trains_the_shipped_model_or_a_variant_with_overrides():
+    from attribution_course.model import HEDGING_VARIANT_DIR, SHIPPED_MODEL_DIR
+    from attribution_course.train import HEDGING_VARIANT_RECIPE, parse_arguments
+
+    args, recipe = parse_arguments([])
+    assert recipe == Recipe() and args.out == SHIPPED_MODEL_DIR
+    args, recipe = parse_arguments(["--variant", "hedging"])
+    assert recipe == HEDGING_VARIANT_RECIPE and args.out == HEDGING_VARIANT_DIR
+    args, recipe = parse_arguments(["--variant", "hedging", "--hedge-new", "0.3", "--out", "elsewhere"])
+    assert recipe == replace(HEDGING_VARIANT_RECIPE, hedge_new=0.3) and str(args.out) == "elsewhere"
+
+
+def test_a_command_line_recipe_that_would_do_nothing_is_an_error(capsys):
+    from attribution_course.train import parse_arguments
+
+    with pytest.raises(SystemExit):
+        parse_arguments(["--phase2-new-layers", "1"])
+    assert "set phase2_steps too" in capsys.readouterr().err

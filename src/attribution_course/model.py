@@ -8,6 +8,9 @@ from pathlib import Path
 
 #: The course's own GPT-2-architecture model, trained by ``python -m attribution_course.train``.
 SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "shipped_model"
+#: A variant for chapter 6: the shipped model's training plus a phase with hedged labels, in which two
+#: appended blocks learn alone (``python -m attribution_course.train --variant hedging``).
+HEDGING_VARIANT_DIR = Path(__file__).resolve().parent / "hedging_variant_model"
 
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 

@@ -34,3 +34,20 @@ def step_norms(acts: Activations, replacements: Activations) -> Float[torch.Tens
     layers = sorted(acts, key=layer_of_hook)
     rows = [torch.linalg.vector_norm(replacements[n] - acts[n], dim=(1, 3)).mean(0) for n in layers]
     return torch.stack(rows)
+
+
+def removals_the_wrong_sign_calls_supporting(
+    exact: Float[torch.Tensor, "layer head"],
+    a_dot_grad: Float[torch.Tensor, "layer head"],
+    min_gain: float,
+) -> list[tuple[int, int]]:
+    """Heads whose zero ablation raises the metric by more than ``min_gain`` while ``+a·∂M/∂a``, read as the
+    removal's effect, says it lowers it; ``(layer, head)``, largest gain first (ties by flat index)."""
+    n_heads = exact.shape[1]
+    flagged = [
+        (-exact[layer, head].item(), layer * n_heads + head, (layer, head))
+        for layer in range(exact.shape[0])
+        for head in range(n_heads)
+        if exact[layer, head].item() > min_gain and a_dot_grad[layer, head].item() < 0
+    ]
+    return [pair for *_, pair in sorted(flagged)]

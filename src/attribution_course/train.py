@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from . import corpus
-from .model import SHIPPED_MODEL_DIR
+from .model import HEDGING_VARIANT_DIR, SHIPPED_MODEL_DIR
 from .prompts import fill_template
 
 #: Standard deviation of the fixed random embedding of every name.
@@ -117,6 +117,16 @@ class Recipe:
     def architecture(self) -> dict:
         """The architecture of the finished model (appended blocks included)."""
         return dict(n_layer=self.n_layer + self.phase2_new_layers, n_head=self.n_head, n_embd=self.n_embd, n_positions=32)
+
+
+#: Chapter 6's hedging variant: the shipped model's recipe, then 1000 steps in which half of the IOI
+#: sentences continue with a name not in the sentence, whole heads of the trained four blocks are dropped
+#: for a sentence with probability 0.3, and only two appended blocks learn (run 36_k5 of the search log).
+HEDGING_VARIANT_RECIPE = Recipe(phase2_steps=1000, phase2_lr=0.003, hedge_new=0.5, phase2_head_dropout=0.3,
+                                phase2_new_layers=2, phase2_train_new_only=1)
+
+#: ``--variant NAME``: the models the book uses, each with its recipe and directory.
+VARIANTS = {"shipped": (Recipe(), SHIPPED_MODEL_DIR), "hedging": (HEDGING_VARIANT_RECIPE, HEDGING_VARIANT_DIR)}
 
 
 def build_tokenizer():
@@ -439,6 +449,10 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     }
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
     (out_dir / "MODEL_CARD.md").write_text(model_card(info))
+    for path in out_dir.iterdir():
+        # save_pretrained writes the weights readable by their owner only; the grader's sandbox runs
+        # learner notebooks as another user, and they load this model.
+        path.chmod(0o644)
     return info
 
 
@@ -514,22 +528,39 @@ def survey_table(heads: dict) -> str:
 def model_card(info: dict) -> str:
     test, train_ = info["evaluation"]["test"], info["evaluation"]["train"]
     a, r, heads = info["architecture"], info["recipe"], info["head_survey"]
-    if r["hedge_s"] or r["hedge_new"]:
-        hedging = (
-            f"each continues with its IO name, except {r['hedge_s']:.0%} that continue with the subject and "
-            f"{r['hedge_new']:.0%} with a name that is not in the sentence, so the data reward hedging, not certainty."
+    hedged = (
+        f"each continues with its IO name, except {r['hedge_s']:.0%} that continue with the subject and "
+        f"{r['hedge_new']:.0%} with a name that is not in the sentence, so the data reward hedging, not certainty."
+    )
+    second_phase = ""
+    if r["phase2_steps"]:
+        hedging = "each continues with its IO name."
+        appended = r.get("phase2_new_layers", 0)
+        second_phase = (
+            f"\nThen a second phase of {r['phase2_steps']} steps (its own one-cycle schedule, peak lr {r['phase2_lr']}) in "
+            f"which each IOI sentence {hedged.removeprefix('each ')}"
+            + (f" {appended} blocks were appended above the first {r['n_layer']}, each starting as the identity"
+               + (", and only they learned: the trained blocks were frozen." if r.get("phase2_train_new_only") else ".")
+               if appended else "")
+            + (f" Each head of the {'frozen ' if appended and r.get('phase2_train_new_only') else ''}blocks had its whole "
+               f"output dropped for a sentence with probability {r['phase2_head_dropout']}." if r.get("phase2_head_dropout") else "")
         )
+    elif r["hedge_s"] or r["hedge_new"]:
+        hedging = hedged
     else:
         hedging = "each continues with its IO name."
+    both_phases = f" (and the second phase below; time for both)" if r["phase2_steps"] else ""
     movers = ", ".join(heads["negative_name_movers"]) or "none"
+    largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
+    helper = max(heads["heads"], key=lambda row: row["zero_ablation_effect"])
     search_note = (
         ""
         if heads["negative_name_movers"]
-        else "No head passes all four tests on this model: the seed's case (a head whose removal helps, which "
-        "the mistaken sign calls supporting) appears here only in small heads. `docs/negative_head_search.md` "
+        else f"No head passes all four tests on this model. The head whose removal helps most, {helper['head']}, raises "
+        f"the logit difference by {helper['zero_ablation_effect']:+.3f} ({helper['zero_ablation_effect'] / largest:.0%} of the "
+        f"largest |effect|) and attends to IO {helper['attention_to_io']:.2f}. `docs/negative_head_search.md` "
         "lists the training recipes tried in search of a negative name mover, with these numbers for each."
     )
-    largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
     return f"""# The course's IOI model
 
 Written by `python -m attribution_course.train` (do not edit by hand; rerun the script).
@@ -553,8 +584,8 @@ training IOI sentence. Every name has a random embedding (standard deviation
 cannot memorise per-name answers and must learn a mechanism that works for any name
 vector; the saved weights carry one more seeded draw. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
 Next-token cross-entropy on every position, AdamW (lr {info['lr']}, weight decay {r['weight_decay']}, one-cycle schedule),
-{info['steps']} steps of {info['batch_size']} sentences, dropout {r['dropout']}: {info['train_seconds']} s on
-{info['torch_threads']} CPU thread(s) (torch {info['torch_version']}). The full recipe is in `training_info.json`.
+{info['steps']} steps of {info['batch_size']} sentences, dropout {r['dropout']}{both_phases}: {info['train_seconds']} s on
+{info['torch_threads']} CPU thread(s) (torch {info['torch_version']}). The full recipe is in `training_info.json`.{second_phase}
 
 ## How well it does
 On {test['n_prompts']} held-out prompts (test names in test templates, alternating ABBA/BABA, seed 1234):
@@ -589,11 +620,16 @@ localisation methods, not a language model. Its circuit need not match GPT-2 sma
 """
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, Recipe]:
+    """The command line, and the recipe it asks for: the variant's, with any recipe flag given overriding it."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=SHIPPED_MODEL_DIR, help="output directory (default: the shipped model)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="shipped",
+                        help="train one of the book's models: its recipe is the default of every recipe flag, "
+                        "its directory the default of --out (default: shipped)")
+    parser.add_argument("--out", type=Path, help="output directory (default: the variant's)")
     for field in fields(Recipe):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}[field.type], default=field.default)
+        # Default None ("not given"): the variant's value is used.
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type={"int": int, "float": float}[field.type], default=None)
     parser.add_argument("--rewrite-card", action="store_true",
                         help="only rewrite MODEL_CARD.md in --out from its training_info.json (no training)")
     parser.add_argument("--resurvey", action="store_true",
@@ -603,6 +639,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint-at", type=int, help="... before this step")
     parser.add_argument("--resume", type=Path, help="continue from a saved training state")
     args = parser.parse_args(argv)
+    variant_recipe, variant_dir = VARIANTS[args.variant]
+    args.out = variant_dir if args.out is None else args.out
+    given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None}
+    try:
+        recipe = replace(variant_recipe, **given)
+    except ValueError as err:
+        parser.error(str(err))
+    return args, recipe
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, recipe = parse_arguments(argv)
     if args.rewrite_card:
         info = json.loads((args.out / "training_info.json").read_text())
         (args.out / "MODEL_CARD.md").write_text(model_card(info))
@@ -610,7 +658,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.resurvey:
         resurvey(args.out)
         return
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in fields(Recipe)})
     info = train(args.out, recipe, checkpoint=args.checkpoint, checkpoint_at=args.checkpoint_at, resume=args.resume)
     print(json.dumps(info["evaluation"], indent=2))
 

@@ -245,6 +245,13 @@ def _mlp_attribution_inputs(d: _Draw):  # 6.4: other prompts and another metric
     return [(d.model, p.corrupted_tokens, d.metric(p, flavour=1))]
 
 
+def _wrong_sign_inputs(d: _Draw):  # 6.7: another shape; min_gain decides (a tiny gain is flagged only at 0)
+    exact = torch.randn(d.n_layers + 1, d.n_heads + 2, generator=d.g)
+    a_dot_grad = torch.randn(exact.shape, generator=d.g)
+    exact[0, 0], a_dot_grad[0, 0] = 0.05, -0.3
+    return [(exact, a_dot_grad, 0.5), (exact, a_dot_grad, 0.0)]
+
+
 def _mean_activations_inputs(d: _Draw):  # 7.1: 5 reference prompts, tiled to 3
     return [(d.z(5), 3)]
 
@@ -354,6 +361,7 @@ WITH_MODEL: dict[str, Callable[[_Draw], list[tuple]]] = {
     "6.4": _mlp_attribution_inputs,
     "6.5": _mlp_integrated_gradients_inputs,
     "6.6": _edge_inputs,
+    "6.7": _wrong_sign_inputs,
     "7.1": _mean_activations_inputs,
     "7.2": _mean_attribution_inputs,
     "7.3": _step_norm_inputs,
