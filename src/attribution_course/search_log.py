@@ -90,11 +90,6 @@ def works_through_final_ln(row: dict) -> bool:
     return row["zero_ablation_effect_fixed_final_ln"] < 0.5 * row["zero_ablation_effect"]
 
 
-def helps_by_10_percent(row: dict, heads: list[dict]) -> bool:
-    """The third criterion: removing the head raises the logit difference by at least 10% of the largest |effect|."""
-    return row["zero_ablation_effect"] >= 0.1 * max(abs(other["zero_ablation_effect"]) for other in heads)
-
-
 def log_row(name: str, info: dict) -> str:
     survey, test = info["head_survey"], info["evaluation"]["test"]
     heads = survey["heads"]
@@ -202,10 +197,11 @@ def search_log(paths: list[Path]) -> str:
         f"a margin of {io_selectivity(row):+.2f}.",
     ]
     solving = [info for info in runs.values() if info["evaluation"]["test"]["top1_accuracy"] >= SOLVES_IOI_TOP1]
+    # the third criterion, as the survey decided it
     gains = [
         row
-        for info in solving
-        if helps_by_10_percent(row := most_helpful_removal(info["head_survey"]["heads"]), info["head_survey"]["heads"])
+        for row in (most_helpful_removal(info["head_survey"]["heads"]) for info in solving)
+        if row["negative_name_mover_criteria"]["removal_helps_by_10_percent"]
     ]
     through_ln = [row for row in gains if works_through_final_ln(row)]
     writers = [
@@ -214,14 +210,16 @@ def search_log(paths: list[Path]) -> str:
         for row in info["head_survey"]["heads"]
         if row["direct_logit_attribution"] <= STRONG_NEGATIVE_DLA
     ]
+    def average(attention) -> float:
+        return sum(map(attention, writers)) / max(len(writers), 1)
+
     lines += [
         "",
         f"In the runs that solve IOI, {len(writers)} heads write against the answer with a direct logit attribution of "
         f"{STRONG_NEGATIVE_DLA} or below; {sum(row['attention_to_io'] >= 0.3 for row in writers)} of them give IO at "
         f"least 0.3 of their attention, and on average they give IO "
-        f"{sum(row['attention_to_io'] for row in writers) / max(len(writers), 1):.2f}, S1 and S2 "
-        f"{sum(attention_to_s(row) for row in writers) / max(len(writers), 1):.2f} and the final position itself "
-        f"{sum(row['attention_to_end'] for row in writers) / max(len(writers), 1):.2f}.",
+        f"{average(lambda row: row['attention_to_io']):.2f}, S1 and S2 {average(attention_to_s):.2f} and the final "
+        f"position itself {average(lambda row: row['attention_to_end']):.2f}.",
     ]
     lines += [
         "",

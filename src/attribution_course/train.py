@@ -402,8 +402,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                     if isinstance(module, torch.nn.Dropout):
                         module.p = recipe.phase2_dropout
             if recipe.phase2_head_dropout:
-                frozen = recipe.phase2_train_new_only and recipe.phase2_new_layers
-                blocks = model.transformer.h[: recipe.n_layer] if frozen else model.transformer.h
+                # Recipe guarantees appended blocks whenever the trained ones are frozen.
+                blocks = model.transformer.h[: recipe.n_layer] if recipe.phase2_train_new_only else model.transformer.h
                 phase2_hooks = drop_whole_heads(model, recipe.phase2_head_dropout, blocks)
             if recipe.phase2_detach_final_ln_scale:
                 phase2_hooks.append(detach_final_ln_scale(model))
@@ -447,13 +447,18 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         "evaluation": results,
         "head_survey": heads,
     }
-    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out_dir / "MODEL_CARD.md").write_text(model_card(info))
+    write_info_and_card(out_dir, info)
     for path in out_dir.iterdir():
         # save_pretrained writes the weights readable by their owner only; the grader's sandbox runs
         # learner notebooks as another user, and they load this model.
         path.chmod(0o644)
     return info
+
+
+def write_info_and_card(out_dir: Path, info: dict) -> None:
+    """``training_info.json`` and the model card written from it."""
+    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out_dir / "MODEL_CARD.md").write_text(model_card(info))
 
 
 def resurvey(out_dir: Path) -> dict:
@@ -470,8 +475,7 @@ def resurvey(out_dir: Path) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     info["evaluation"] = evaluate(model, tokenizer)
     info["head_survey"] = survey(model, tokenizer)
-    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out_dir / "MODEL_CARD.md").write_text(model_card(info))
+    write_info_and_card(out_dir, info)
     return info
 
 
@@ -533,8 +537,9 @@ def model_card(info: dict) -> str:
         f"{r['hedge_new']:.0%} with a name that is not in the sentence, so the data reward hedging, not certainty."
     )
     second_phase = ""
+    # Hedged labels are described with the phase they belong to.
+    hedging = hedged if (r["hedge_s"] or r["hedge_new"]) and not r["phase2_steps"] else "each continues with its IO name."
     if r["phase2_steps"]:
-        hedging = "each continues with its IO name."
         appended = r.get("phase2_new_layers", 0)
         second_phase = (
             f"\nThen a second phase of {r['phase2_steps']} steps (its own one-cycle schedule, peak lr {r['phase2_lr']}) in "
@@ -545,10 +550,6 @@ def model_card(info: dict) -> str:
             + (f" Each head of the {'frozen ' if appended and r.get('phase2_train_new_only') else ''}blocks had its whole "
                f"output dropped for a sentence with probability {r['phase2_head_dropout']}." if r.get("phase2_head_dropout") else "")
         )
-    elif r["hedge_s"] or r["hedge_new"]:
-        hedging = hedged
-    else:
-        hedging = "each continues with its IO name."
     both_phases = f" (and the second phase below; time for both)" if r["phase2_steps"] else ""
     movers = ", ".join(heads["negative_name_movers"]) or "none"
     largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
