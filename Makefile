@@ -28,9 +28,12 @@ book: $(STAMP)
 	$(BIN)/python -m attribution_course.exercises sync-book
 	$(BIN)/jupyter-book build --all -W -n --keep-going book
 
+# Two pytest workers (pytest-xdist), one test file each at a time, so that a file's shared batch is
+# graded once; PYTEST_WORKERS=0 runs the suite in one process.
+PYTEST_WORKERS ?= 2
 test: book
 	bash .ci/install-actionlint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # Regenerate requirements.lock from the current venv (after changing pyproject.toml).
 lock: $(STAMP)

@@ -90,23 +90,29 @@ HIDDEN_MUTATIONS = {
 # ---------------------------------------------------------------- building submissions
 
 
-def mutated(stem: str) -> nbformat.NotebookNode:
-    target, old, new, _ = MUTATIONS[stem]
+def with_mistakes(stem: str, mutations) -> nbformat.NotebookNode:
+    """The filled notebook of ``stem`` with every mistake in ``mutations`` (entries as in ``MUTATIONS``)."""
     nb = filled(stem)
-    index = exercise_cells(stem)[target]
-    assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
-    nb.cells[index].source = nb.cells[index].source.replace(old, new)
-    return nb
-
-
-def hidden_mutated(stem: str) -> nbformat.NotebookNode:
-    """The filled notebook with every mistake of ``HIDDEN_MUTATIONS[stem]``."""
-    nb = filled(stem)
-    for target, old, new, _ in HIDDEN_MUTATIONS[stem]:
+    for target, old, new, _ in mutations:
         index = exercise_cells(stem)[target]
         assert nb.cells[index].source.count(old) == 1, f"mutation text {old!r} not found once in {stem} exercise {target}"
         nb.cells[index].source = nb.cells[index].source.replace(old, new)
     return nb
+
+
+def mutated(stem: str) -> nbformat.NotebookNode:
+    return with_mistakes(stem, [MUTATIONS[stem]])
+
+
+def mistake_notebooks(stem: str) -> dict[str, list[tuple]]:
+    """The mistaken copies of ``stem`` the coverage batch grades, ``{folder: mutations}``: the visible and
+    the hidden-input mistakes share one notebook (one kernel fewer) unless they touch the same exercise."""
+    visible, hidden = [MUTATIONS[stem]], HIDDEN_MUTATIONS.get(stem, [])
+    if not hidden:
+        return {"mutated": visible}
+    if {m[0] for m in visible} & {m[0] for m in hidden}:
+        return {"mutated": visible, "hidden": hidden}
+    return {"mutated": visible + hidden}
 
 
 def write(nb: nbformat.NotebookNode, path: Path) -> None:
@@ -156,9 +162,8 @@ def coverage_batch(tmp_path_factory):
         (folder / "generated").mkdir(exist_ok=True)
         (folder / "generated" / f"{stem}.ipynb").write_bytes(ex.exercise_path(stem).read_bytes())
         write(filled(stem), folder / "filled" / f"{stem}.ipynb")
-        write(mutated(stem), folder / "mutated" / f"{stem}.ipynb")
-        if stem in HIDDEN_MUTATIONS:
-            write(hidden_mutated(stem), folder / "hidden" / f"{stem}.ipynb")
+        for kind, mutations in mistake_notebooks(stem).items():
+            write(with_mistakes(stem, mutations), folder / kind / f"{stem}.ipynb")
     before = digests(folder)
     out = tmp_path_factory.mktemp("grades")
     start = time.monotonic()
@@ -185,29 +190,31 @@ def test_stubs_replaced_by_solutions_pass(coverage_batch):
         assert result.points == result.max_points > 0
 
 
-def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
-    results, *_ = coverage_batch
-    for stem, (target, _, _, words) in MUTATIONS.items():
-        result = results[f"mutated/{stem}.ipynb"]
-        by_exercise = {e.exercise: e for e in result.exercises}
+def assert_fails_exactly(result, mutations) -> None:
+    """Each mutated exercise is wrong, with the feedback's expected words; every other exercise passed."""
+    by_exercise = {e.exercise: e for e in result.exercises}
+    for target, _, _, words in mutations:
         assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
         assert words in by_exercise[target].detail, gradebook.scorecard(result)
-        others = {k: v.verdict for k, v in by_exercise.items() if k != target}
-        assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
+    others = {k: v.verdict for k, v in by_exercise.items() if k not in {m[0] for m in mutations}}
+    assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
+
+
+def test_each_mutation_fails_exactly_the_mutated_exercise(coverage_batch):
+    """Every mistake of MUTATIONS (and of HIDDEN_MUTATIONS in the same notebook) fails its exercise, and nothing else."""
+    results, *_ = coverage_batch
+    for stem in MUTATIONS:
+        kind, mutations = next(iter(mistake_notebooks(stem).items()))
+        assert_fails_exactly(results[f"{kind}/{stem}.ipynb"], mutations)
 
 
 def test_hidden_inputs_and_requirements_fail_what_the_notebook_input_passes(coverage_batch):
     """Every mistake of HIDDEN_MUTATIONS passes the notebook's own input (the detail names the hidden
     input or the requirement, which are only tried once the visible values are right); nothing else fails."""
     results, *_ = coverage_batch
-    for stem, mutations in HIDDEN_MUTATIONS.items():
-        result = results[f"hidden/{stem}.ipynb"]
-        by_exercise = {e.exercise: e for e in result.exercises}
-        for target, _, _, words in mutations:
-            assert by_exercise[target].verdict == verdicts.V_WRONG, gradebook.scorecard(result)
-            assert words in by_exercise[target].detail, gradebook.scorecard(result)
-        others = {k: v.verdict for k, v in by_exercise.items() if k not in {m[0] for m in mutations}}
-        assert set(others.values()) == {verdicts.V_PASSED}, gradebook.scorecard(result)
+    for stem in HIDDEN_MUTATIONS:
+        kind, mutations = list(mistake_notebooks(stem).items())[-1]  # the notebook with the hidden-input mistakes
+        assert_fails_exactly(results[f"{kind}/{stem}.ipynb"], mutations)
 
 
 def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
@@ -227,9 +234,12 @@ def test_batch_leaves_submissions_untouched_and_writes_feedback(coverage_batch):
 LOOP = ["while True:", "    pass"]  # spends CPU time: stopped by the CPU-time cell limit
 SLEEPING_LOOP = ["import time", "while True:", "    time.sleep(0.2)"]  # stopped by the wall-clock fallback
 UNINTERRUPTIBLE_LOOP = ["import signal", "signal.signal(signal.SIGINT, signal.SIG_IGN)", *SLEEPING_LOOP]
-# correct but slow: 2 s of CPU time per call (three calls per graded cell with the hidden inputs), well
-# under the 15 s CPU limit however long a loaded machine makes them take on the wall clock
-SLOW = ["import time", "start = time.process_time()", "while time.process_time() - start < 2:", "    pass"]
+# The mixed batch's CPU limit per cell: low, because a cell that sleeps and ignores interrupts (erin) is
+# stopped by the wall-clock fallback, ten times this, and that wait is most of the test's time.
+MIXED_CELL_TIMEOUT = 6
+# correct but slow: 1 s of CPU time per call (three calls per graded cell with the hidden inputs), well
+# under the CPU limit however long a loaded machine makes them take on the wall clock
+SLOW = ["import time", "start = time.process_time()", "while time.process_time() - start < 1:", "    pass"]
 
 
 
@@ -243,7 +253,7 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
     (folder / "carol").mkdir(parents=True)
     text = ex.exercise_path(stem).read_text()
     (folder / "carol" / f"{stem}.ipynb").write_text(text[: len(text) // 2])  # malformed JSON
-    # dave's loop spins (stopped after 15 s of CPU time); erin's sleeps and ignores interrupts
+    # dave's loop spins (stopped after MIXED_CELL_TIMEOUT s of CPU time); erin's sleeps and ignores interrupts
     write(learner_notebook(stem, {ids[0]: None, ids[1]: LOOP, ids[2]: None, ids[3]: None}),
           folder / "dave" / f"{stem}.ipynb")  # an infinite loop that an interrupt stops
     write(learner_notebook(stem, {ids[0]: UNINTERRUPTIBLE_LOOP, ids[1]: None}),
@@ -264,7 +274,7 @@ def test_batch_cli_on_mixed_submissions(tmp_path):
         start = time.monotonic()
         run = subprocess.run(
             [PYTHON, "-m", "attribution_course.grade", "--batch", str(folder), "--csv", str(csv_path),
-             "--timeout", "300", "--cell-timeout", "15", "--workers", "2"],
+             "--timeout", "300", "--cell-timeout", str(MIXED_CELL_TIMEOUT), "--workers", "2"],
             env=ENV, capture_output=True, text=True, timeout=bound + 60,
         )
         seconds = time.monotonic() - start
