@@ -91,6 +91,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("distractor", "float"), ("shape_variants", "float"), ("two_pairs", "float"), ("phase2_dropout", "float"),
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
     ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
+    ("phase2_new_heads_skip_self", "int"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -148,6 +149,7 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
     dict(phase2_detach_final_ln_scale=1),
     dict(phase2_steps=10, phase2_train_new_only=1),  # nothing appended to train
     dict(phase2_steps=10, phase2_new_attention_only=1),
+    dict(phase2_steps=10, phase2_new_heads_skip_self=1),
 ])
 def test_flags_that_would_do_nothing_are_refused(flags):
     with pytest.raises(ValueError, match="set phase2_"):
@@ -216,6 +218,32 @@ def test_detaching_the_final_ln_scale_changes_the_gradient_not_the_forward_pass(
     _, eval_gradient = logits_and_gradient()
     torch.testing.assert_close(eval_gradient, live_gradient)  # the hook acts in training mode only
     handle.remove()
+
+
+def test_appended_heads_that_skip_their_own_position_keep_the_mask_after_saving(tmp_path):
+    """A tiny run with the diagnostic mask: its heads give their own position no attention (the first
+    position excepted), the trained block below keeps it, and ``resurvey`` measures the model with the mask
+    (without it, the saved weights compute something else)."""
+    from transformers import GPT2LMHeadModel
+
+    from attribution_course.train import block_attention_to_self, resurvey
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=2, batch_size=4, phase2_steps=3, phase2_lr=0.01,
+                    phase2_new_layers=1, phase2_train_new_only=1, phase2_new_heads_skip_self=1, hedge_new=0.5)
+    trained = train(tmp_path, recipe)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    model.set_attn_implementation("eager")
+    tokens = torch.randint(2, 30, (3, 9))
+    with torch.no_grad():
+        plain = model(tokens, output_attentions=True)
+        block_attention_to_self(model.transformer.h[1:])
+        masked = model(tokens, output_attentions=True)
+    below, appended = masked.attentions
+    assert (below.diagonal(dim1=-2, dim2=-1)[..., 1:] > 0).all(), "the trained block may attend to itself"
+    assert (appended.diagonal(dim1=-2, dim2=-1)[..., 1:] == 0).all() and (appended[..., 0, 0] == 1).all()
+    assert (appended.triu(1) == 0).all(), "still causal"
+    assert not torch.allclose(plain.logits, masked.logits), "without the mask the saved weights compute another model"
+    assert resurvey(tmp_path)["head_survey"] == trained["head_survey"], "resurvey must put the mask back"
 
 
 def test_the_command_line_trains_the_shipped_model_or_a_variant_with_overrides():

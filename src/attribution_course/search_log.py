@@ -167,6 +167,12 @@ def search_log(paths: list[Path]) -> str:
         "without the scale's gradient; a whole block), `n4` lets the four trained blocks learn. In none does a",
         "head look at IO more than at the subject (the *most IO-selective head* column).",
         "",
+        "The `o` runs are a diagnostic, not candidates for the shipped model: they repeat `m4`, `m2` and `k4`'s",
+        "second phase with appended heads that may not attend to their own position",
+        "(`phase2_new_heads_skip_self`, a mask plain GPT-2 code does not apply; `--resurvey` puts it back).",
+        "They ask whether a head that hedges, once it cannot read the prediction at the final position itself,",
+        "turns to IO. It does not: the line below the table gives where the appended heads of these runs look.",
+        "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
         "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
@@ -230,7 +236,34 @@ def search_log(paths: list[Path]) -> str:
         "gain comes from the norm of the residual stream at the final LayerNorm, which scales every logit "
         "together, not from anything it writes against the IO name.",
     ]
+    lines += masked_self_summary(runs)
     return "\n".join(lines) + "\n"
+
+
+def appended_heads(info: dict) -> list[dict]:
+    """The survey rows of the heads in blocks appended in the second phase (none for most runs)."""
+    trained = info["recipe"]["n_layer"]
+    return [row for row in info["head_survey"]["heads"] if int(row["head"][1:].split("H")[0]) >= trained]
+
+
+def masked_self_summary(runs: dict[str, dict]) -> list[str]:
+    """Where the appended heads look in the runs whose appended heads may not attend to their own position."""
+    masked = {name: info for name, info in runs.items() if info["recipe"].get("phase2_new_heads_skip_self")}
+    if not masked:
+        return []
+    heads = [row for info in masked.values() for row in appended_heads(info)]
+    other = [1 - row["attention_to_io"] - attention_to_s(row) - row["attention_to_end"] for row in heads]
+    return [
+        "",
+        f"In the {len(masked)} runs whose appended heads may not attend to their own position "
+        f"({', '.join(masked)}), the {len(heads)} appended heads have direct logit attributions from "
+        f"{min(row['direct_logit_attribution'] for row in heads):+.2f} to "
+        f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; the most any gives IO is "
+        f"{max(row['attention_to_io'] for row in heads):.2f} of its attention, and on average they give IO "
+        f"{sum(row['attention_to_io'] for row in heads) / len(heads):.2f}, S1 and S2 "
+        f"{sum(map(attention_to_s, heads)) / len(heads):.2f}, and the other words of the sentence (the words "
+        f"between and after the names, and the first token) {sum(other) / len(other):.2f}.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

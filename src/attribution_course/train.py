@@ -90,6 +90,11 @@ class Recipe:
     #: 1: in the second phase no gradient flows through the final LayerNorm's scale (the forward pass
     #: is unchanged), so lowering a logit cannot be learned by inflating the residual stream's norm.
     phase2_detach_final_ln_scale: int = 0
+    #: 1: the appended blocks' heads may not attend to their own position (the first position excepted,
+    #: which has no other). A diagnostic, not a recipe for a shipped model: the saved weights then belong
+    #: to a model with this mask, which plain GPT-2 code does not apply (``resurvey`` puts it back). It asks
+    #: where a head that hedges looks when it cannot read the prediction already made where it stands.
+    phase2_new_heads_skip_self: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -99,7 +104,8 @@ class Recipe:
             if set_without := [name for name in second_phase if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} act in the second phase: set phase2_steps too")
         if not self.phase2_new_layers:
-            if set_without := [name for name in ("phase2_train_new_only", "phase2_new_attention_only") if getattr(self, name)]:
+            appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self")
+            if set_without := [name for name in appended_only if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
 
     @property
@@ -288,6 +294,23 @@ def detach_final_ln_scale(model):
     return model.transformer.ln_f.register_forward_hook(constant_scale)
 
 
+def block_attention_to_self(blocks) -> list:
+    """The heads of ``blocks`` may not attend to their own position, except at the first position.
+
+    Done with the attention mask the blocks are called with (causal, plus the diagonal), in training
+    and in evaluation alike: the mask is part of the model it is set on.
+    """
+
+    def mask(module, args, kwargs):
+        n = (args[0] if args else kwargs["hidden_states"]).shape[1]
+        blocked = torch.ones(n, n, dtype=torch.bool).triu()  # later positions and the diagonal
+        blocked[0, 0] = False
+        kwargs["attention_mask"] = torch.zeros(n, n).masked_fill(blocked, float("-inf"))[None, None]
+        return args, kwargs
+
+    return [block.attn.register_forward_pre_hook(mask, with_kwargs=True) for block in blocks]
+
+
 def drop_whole_heads(model, p: float, blocks=None) -> list:
     """In training mode, silence each head's output ``z`` for a whole sentence with probability ``p``.
 
@@ -407,6 +430,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                 phase2_hooks = drop_whole_heads(model, recipe.phase2_head_dropout, blocks)
             if recipe.phase2_detach_final_ln_scale:
                 phase2_hooks.append(detach_final_ln_scale(model))
+            if recipe.phase2_new_heads_skip_self:  # kept after training: the mask is part of this model
+                block_attention_to_self(model.transformer.h[recipe.n_layer :])
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
@@ -472,6 +497,9 @@ def resurvey(out_dir: Path) -> dict:
     torch.set_num_threads(1)
     info = json.loads((out_dir / "training_info.json").read_text())
     model = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    recipe = Recipe(**info["recipe"])  # fields added after the run take their defaults, which change nothing
+    if recipe.phase2_new_heads_skip_self:
+        block_attention_to_self(model.transformer.h[recipe.n_layer :])
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     info["evaluation"] = evaluate(model, tokenizer)
     info["head_survey"] = survey(model, tokenizer)
