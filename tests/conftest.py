@@ -8,6 +8,19 @@ import pytest
 import torch
 
 
+WORKER_SUMMARIES: list[str] = []  # lines the pytest-xdist workers hand back (the browser tests' summary)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    WORKER_SUMMARIES.extend(getattr(node, "workeroutput", {}).get("browser_summary", []))
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in WORKER_SUMMARIES:
+        terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def model():
     from attribution_course.model import load_model

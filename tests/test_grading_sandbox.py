@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nbformat
@@ -501,3 +502,30 @@ def test_watchdog_logs_each_cells_cpu_time(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:]
     first, second = json.loads((tmp_path / "cpu.json").read_text())
     assert first < 0.5 and 1.4 <= second < 5
+
+
+@pytest.mark.parametrize("ignores_interrupts", [False, True])
+def test_the_wall_clock_stops_a_cell_that_sleeps(tmp_path, ignores_interrupts):
+    """A cell that waits uses no CPU time, so only the wall-clock fallback (WALL_FACTOR times the cell's
+    CPU limit) stops it: by an interrupt, after which the next cell runs in the same kernel, or, when the
+    cell ignores the interrupt, by stopping the kernel. Either way long before the notebook's own timeout."""
+    from attribution_course.grading.nbval_watchdog import WALL_FACTOR
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    ignore = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" if ignores_interrupts else ""
+    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell(ignore + "import time\nwhile True:\n    time.sleep(0.2)"),
+                nbformat.v4.new_code_cell("x + 1")]
+    cell_limit = 0.5  # CPU seconds: the fallback stops the sleeping cell after WALL_FACTOR times this
+    start = time.monotonic()
+    outcome = runner.run_nbval(nb, timeout=300, cell_timeout=cell_limit, sandboxed=False)
+    seconds = time.monotonic() - start
+    assert not outcome.timed_out and WALL_FACTOR * cell_limit <= seconds < 150, (seconds, outcome.output[-2000:])
+    status, message = outcome.cells[1]
+    assert status in ("failure", "error"), outcome.cells
+    if ignores_interrupts:
+        assert verdicts.NOT_INTERRUPTIBLE in message, message
+    else:
+        assert verdicts.NOT_INTERRUPTIBLE not in message and outcome.cells[2][0] == "passed", outcome.cells
+

@@ -17,3 +17,23 @@ def test_the_committed_search_log_is_what_the_script_writes_from_the_runs():
 def test_io_selectivity_is_attention_to_io_minus_both_subject_tokens():
     row = {"attention_to_io": 0.5, "attention_to_s1": 0.1, "attention_to_s2": 0.15}
     assert abs(io_selectivity(row) - 0.25) < 1e-12
+
+
+def test_diagnostic_runs_stay_out_of_the_candidate_summaries(tmp_path):
+    """A run whose heads may not attend to their own position is not a candidate for the shipped model:
+    its most IO-selective head must not be reported as the candidates' best, and it gets its own line."""
+    import json
+
+    candidate = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
+    diagnostic = json.loads(json.dumps(candidate))
+    diagnostic["recipe"].update(phase2_steps=10, phase2_new_layers=1, phase2_new_heads_skip_self=1)
+    diagnostic["head_survey"]["heads"][0].update(attention_to_io=0.9, attention_to_s1=0.0, attention_to_s2=0.0)
+    diagnostic["head_survey"]["heads"].append({**candidate["head_survey"]["heads"][0], "head": "L4H0",
+                                               "direct_logit_attribution": -0.75})
+    paths = []
+    for name, info in (("01_candidate", candidate), ("02_diagnostic", diagnostic)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(info))
+    log = search_log(paths)
+    assert "Across all 1 candidate runs" in log and "01_candidate's L2H2" in log
+    assert "- 02_diagnostic: the appended heads' direct logit attributions run from -0.75 (L4H0)" in log

@@ -171,7 +171,10 @@ def search_log(paths: list[Path]) -> str:
         "second phase with appended heads that may not attend to their own position",
         "(`phase2_new_heads_skip_self`, a mask plain GPT-2 code does not apply; `--resurvey` puts it back).",
         "They ask whether a head that hedges, once it cannot read the prediction at the final position itself,",
-        "turns to IO. It does not: the line below the table gives where the appended heads of these runs look.",
+        "turns to IO. Where only the appended heads learn (`o1`, `o2`) they still write against the answer, but",
+        "read it from the other words of the sentence, not from IO; where the appended MLP learns too (`o3`), the",
+        "heads hardly write at all (the lines below the table give each run's numbers). These runs are left out of",
+        "the summaries of candidate runs below.",
         "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
@@ -192,17 +195,20 @@ def search_log(paths: list[Path]) -> str:
     ]
     runs = {path.stem: json.loads(path.read_text()) for path in paths}
     lines += [log_row(name, info) for name, info in runs.items()]
+    # The summaries below are about candidates for the shipped model; diagnostic runs get their own line.
+    candidates = {name: info for name, info in runs.items() if not is_diagnostic(info)}
     name, row = max(
-        ((name, row) for name, info in runs.items() for row in info["head_survey"]["heads"]),
+        ((name, row) for name, info in candidates.items() for row in info["head_survey"]["heads"]),
         key=lambda pair: io_selectivity(pair[1]),
     )
     lines += [
         "",
-        f"Across all {len(runs)} runs, the most IO-selective head is {name}'s {row['head']}: attention "
+        f"Across all {len(candidates)} candidate runs (the diagnostic `o` runs aside), the most IO-selective head is "
+        f"{name}'s {row['head']}: attention "
         f"{row['attention_to_io']:.2f} to IO against {attention_to_s(row):.2f} to S1 and S2, "
         f"a margin of {io_selectivity(row):+.2f}.",
     ]
-    solving = [info for info in runs.values() if info["evaluation"]["test"]["top1_accuracy"] >= SOLVES_IOI_TOP1]
+    solving = [info for info in candidates.values() if info["evaluation"]["test"]["top1_accuracy"] >= SOLVES_IOI_TOP1]
     # the third criterion, as the survey decided it
     gains = [
         row
@@ -216,16 +222,14 @@ def search_log(paths: list[Path]) -> str:
         for row in info["head_survey"]["heads"]
         if row["direct_logit_attribution"] <= STRONG_NEGATIVE_DLA
     ]
-    def average(attention) -> float:
-        return sum(map(attention, writers)) / max(len(writers), 1)
 
     lines += [
         "",
         f"In the runs that solve IOI, {len(writers)} heads write against the answer with a direct logit attribution of "
         f"{STRONG_NEGATIVE_DLA} or below; {sum(row['attention_to_io'] >= 0.3 for row in writers)} of them give IO at "
         f"least 0.3 of their attention, and on average they give IO "
-        f"{average(lambda row: row['attention_to_io']):.2f}, S1 and S2 {average(attention_to_s):.2f} and the final "
-        f"position itself {average(lambda row: row['attention_to_end']):.2f}.",
+        f"{average(writers, lambda row: row['attention_to_io']):.2f}, S1 and S2 {average(writers, attention_to_s):.2f} and the final "
+        f"position itself {average(writers, lambda row: row['attention_to_end']):.2f}.",
     ]
     lines += [
         "",
@@ -240,30 +244,42 @@ def search_log(paths: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def average(rows: list[dict], value) -> float:
+    """The mean of ``value(row)`` over ``rows`` (0 for none)."""
+    return sum(map(value, rows)) / max(len(rows), 1)
+
+
 def appended_heads(info: dict) -> list[dict]:
     """The survey rows of the heads in blocks appended in the second phase (none for most runs)."""
     trained = info["recipe"]["n_layer"]
     return [row for row in info["head_survey"]["heads"] if int(row["head"][1:].split("H")[0]) >= trained]
 
 
+def is_diagnostic(info: dict) -> bool:
+    """A run whose model is not a plain GPT-2 (its appended heads may not attend to their own position)."""
+    return bool(info["recipe"].get("phase2_new_heads_skip_self"))
+
+
 def masked_self_summary(runs: dict[str, dict]) -> list[str]:
-    """Where the appended heads look in the runs whose appended heads may not attend to their own position."""
-    masked = {name: info for name, info in runs.items() if info["recipe"].get("phase2_new_heads_skip_self")}
+    """Where the appended heads look, and how hard they write against the answer, in each diagnostic run."""
+    masked = {name: info for name, info in runs.items() if is_diagnostic(info)}
     if not masked:
         return []
-    heads = [row for info in masked.values() for row in appended_heads(info)]
-    other = [1 - row["attention_to_io"] - attention_to_s(row) - row["attention_to_end"] for row in heads]
-    return [
-        "",
-        f"In the {len(masked)} runs whose appended heads may not attend to their own position "
-        f"({', '.join(masked)}), the {len(heads)} appended heads have direct logit attributions from "
-        f"{min(row['direct_logit_attribution'] for row in heads):+.2f} to "
-        f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; the most any gives IO is "
-        f"{max(row['attention_to_io'] for row in heads):.2f} of its attention, and on average they give IO "
-        f"{sum(row['attention_to_io'] for row in heads) / len(heads):.2f}, S1 and S2 "
-        f"{sum(map(attention_to_s, heads)) / len(heads):.2f}, and the other words of the sentence (the words "
-        f"between and after the names, and the first token) {sum(other) / len(other):.2f}.",
-    ]
+    lines = ["", "In the runs whose appended heads may not attend to their own position:", ""]
+    for name, info in masked.items():
+        heads = appended_heads(info)
+        writer = min(heads, key=lambda row: row["direct_logit_attribution"])
+        other = [1 - row["attention_to_io"] - attention_to_s(row) - row["attention_to_end"] for row in heads]
+        lines.append(
+            f"- {name}: the appended heads' direct logit attributions run from "
+            f"{writer['direct_logit_attribution']:+.2f} ({writer['head']}) to "
+            f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; at most "
+            f"{max(row['attention_to_io'] for row in heads):.2f} of a head's attention goes to IO, and on average "
+            f"{average(heads, lambda row: row['attention_to_io']):.2f} to IO, {average(heads, attention_to_s):.2f} to "
+            f"S1 and S2 and {sum(other) / len(other):.2f} to the other words (between and after the names, and the "
+            "first token)."
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -298,14 +298,17 @@ def block_attention_to_self(blocks) -> list:
     """The heads of ``blocks`` may not attend to their own position, except at the first position.
 
     Done with the attention mask the blocks are called with (causal, plus the diagonal), in training
-    and in evaluation alike: the mask is part of the model it is set on.
+    and in evaluation alike: the mask is part of the model it is set on. For forward passes over whole
+    sentences (training, evaluation, the survey); generating token by token with a cache is not supported.
     """
 
     def mask(module, args, kwargs):
-        n = (args[0] if args else kwargs["hidden_states"]).shape[1]
-        blocked = torch.ones(n, n, dtype=torch.bool).triu()  # later positions and the diagonal
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = hidden.shape[1]
+        blocked = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu()  # later positions and the diagonal
         blocked[0, 0] = False
-        kwargs["attention_mask"] = torch.zeros(n, n).masked_fill(blocked, float("-inf"))[None, None]
+        additive = torch.zeros(n, n, dtype=hidden.dtype, device=hidden.device).masked_fill(blocked, float("-inf"))
+        kwargs["attention_mask"] = additive[None, None]
         return args, kwargs
 
     return [block.attn.register_forward_pre_hook(mask, with_kwargs=True) for block in blocks]

@@ -41,24 +41,37 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=f"browser tests skipped: {missing}"))
 
 
-def pytest_terminal_summary(terminalreporter):
-    if VISITED:
-        seconds = sum(r.seconds for r in VISITED)
-        figures = sum(len(r.figures) for r in VISITED)
-        terminalreporter.write_line(
-            f"browser: {len(VISITED)} pages, {figures} plotly figures visited in {seconds:.0f} s; "
-            f"screenshots in {harness.OUTPUT_DIR.relative_to(harness.REPO_ROOT)}/"
+def summary_lines() -> list[str]:
+    """What this process's page visits found: pages, figures, how much of each plot's axes holds data."""
+    if not VISITED:
+        return []
+    seconds = sum(r.seconds for r in VISITED)
+    figures = sum(len(r.figures) for r in VISITED)
+    lines = [f"browser: {len(VISITED)} pages, {figures} plotly figures visited in {seconds:.0f} s; "
+             f"screenshots in {harness.OUTPUT_DIR.relative_to(harness.REPO_ROOT)}/"]
+    measured = [f for r in VISITED for f in r.figures]
+    for kind in sorted({t for f in measured for t in f.trace_types}):
+        of_kind = [f for f in measured if kind in f.trace_types]
+        drawn = [f.drawn_fraction for f in of_kind if f.drawn_fraction is not None]
+        contrast = [c for f in of_kind for c in f.text_contrast.values() if c is not None]
+        lines.append(
+            f"browser:   {kind}: {len(of_kind)} figure(s), data drawn over "
+            f"{100 * min(drawn, default=0):.1f}-{100 * max(drawn, default=0):.1f}% of the axes, "
+            f"lowest text contrast {min(contrast, default=float('nan')):.1f}:1"
         )
-        measured = [f for r in VISITED for f in r.figures]
-        for kind in sorted({t for f in measured for t in f.trace_types}):
-            of_kind = [f for f in measured if kind in f.trace_types]
-            drawn = [f.drawn_fraction for f in of_kind if f.drawn_fraction is not None]
-            contrast = [c for f in of_kind for c in f.text_contrast.values() if c is not None]
-            terminalreporter.write_line(
-                f"browser:   {kind}: {len(of_kind)} figure(s), data drawn over "
-                f"{100 * min(drawn, default=0):.1f}-{100 * max(drawn, default=0):.1f}% of the axes, "
-                f"lowest text contrast {min(contrast, default=float('nan')):.1f}:1"
-            )
+    return lines
+
+
+def pytest_sessionfinish(session):
+    # Under pytest-xdist the pages are visited in a worker, whose terminal nobody sees: hand the lines to
+    # the controller, which prints them (tests/conftest.py).
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["browser_summary"] = summary_lines()
+
+
+def pytest_terminal_summary(terminalreporter):
+    for line in summary_lines():
+        terminalreporter.write_line(line)
 
 
 @pytest.fixture(scope="session")
