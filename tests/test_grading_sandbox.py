@@ -487,14 +487,18 @@ def test_the_stopping_cell_is_found_from_nbval_reports():
     assert grader._stopping_cell(Outcome({0: ("passed", ""), 2: ("passed", "")}), graded, {}) == (None, set())
 
 
+def python_notebook(*sources: str) -> nbformat.NotebookNode:
+    """A notebook of code cells for the plain Python 3 kernel."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in sources])
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    return nb
+
+
 def test_watchdog_logs_each_cells_cpu_time(tmp_path):
     """The reference run's per-cell CPU times scale the learner's cell limit: one entry per cell, in order."""
     from attribution_course.grading.nbval_watchdog import CPU_LOG_ENV
 
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
-    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell("import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass")]
+    nb = python_notebook("x = 1", "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass")
     nbformat.write(nb, str(tmp_path / "n.ipynb"))
     env = dict(os.environ, **{CPU_LOG_ENV: str(tmp_path / "cpu.json")})
     run = subprocess.run([sys.executable, "-m", "pytest", "n.ipynb", "--nbval-lax", "-p", "attribution_course.grading.nbval_watchdog",
@@ -511,12 +515,8 @@ def test_the_wall_clock_stops_a_cell_that_sleeps(tmp_path, ignores_interrupts):
     cell ignores the interrupt, by stopping the kernel. Either way long before the notebook's own timeout."""
     from attribution_course.grading.nbval_watchdog import WALL_FACTOR
 
-    nb = nbformat.v4.new_notebook()
-    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
     ignore = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n" if ignores_interrupts else ""
-    nb.cells = [nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell(ignore + "import time\nwhile True:\n    time.sleep(0.2)"),
-                nbformat.v4.new_code_cell("x + 1")]
+    nb = python_notebook("x = 1", ignore + "import time\nwhile True:\n    time.sleep(0.2)", "x + 1")
     cell_limit = 0.5  # CPU seconds: the fallback stops the sleeping cell after WALL_FACTOR times this
     start = time.monotonic()
     outcome = runner.run_nbval(nb, timeout=300, cell_timeout=cell_limit, sandboxed=False)

@@ -255,6 +255,11 @@ def appended_heads(info: dict) -> list[dict]:
     return [row for row in info["head_survey"]["heads"] if int(row["head"][1:].split("H")[0]) >= trained]
 
 
+def attention_elsewhere(row: dict) -> float:
+    """Final-position attention to neither name nor the final position itself (other words, the first token)."""
+    return 1 - row["attention_to_io"] - attention_to_s(row) - row["attention_to_end"]
+
+
 def is_diagnostic(info: dict) -> bool:
     """A run whose model is not a plain GPT-2 (its appended heads may not attend to their own position)."""
     return bool(info["recipe"].get("phase2_new_heads_skip_self"))
@@ -269,14 +274,13 @@ def masked_self_summary(runs: dict[str, dict]) -> list[str]:
     for name, info in masked.items():
         heads = appended_heads(info)
         writer = min(heads, key=lambda row: row["direct_logit_attribution"])
-        other = [1 - row["attention_to_io"] - attention_to_s(row) - row["attention_to_end"] for row in heads]
         lines.append(
             f"- {name}: the appended heads' direct logit attributions run from "
             f"{writer['direct_logit_attribution']:+.2f} ({writer['head']}) to "
             f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; at most "
             f"{max(row['attention_to_io'] for row in heads):.2f} of a head's attention goes to IO, and on average "
             f"{average(heads, lambda row: row['attention_to_io']):.2f} to IO, {average(heads, attention_to_s):.2f} to "
-            f"S1 and S2 and {sum(other) / len(other):.2f} to the other words (between and after the names, and the "
+            f"S1 and S2 and {average(heads, attention_elsewhere):.2f} to the other words (between and after the names, and the "
             "first token)."
         )
     return lines
