@@ -37,3 +37,18 @@ def test_diagnostic_runs_stay_out_of_the_candidate_summaries(tmp_path):
     log = search_log(paths)
     assert "Across all 1 candidate runs" in log and "01_candidate's L2H2" in log
     assert "- 02_diagnostic: the appended heads' direct logit attributions run from -0.75 (L4H0)" in log
+
+
+def test_runs_trained_reading_names_only_get_a_line_with_their_attention_under_the_mask(tmp_path):
+    import json
+
+    run = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
+    run["attention_under_names_only_mask"] = {
+        "L4H0": {"io": 0.5, "s1": 0.1, "s2": 0.2, "first": 0.2},
+        "L4H1": {"io": 0.2, "s1": 0.2, "s2": 0.4, "first": 0.2},
+    }
+    path = tmp_path / "01_masked.json"
+    path.write_text(json.dumps(run))
+    assert ("- 01_masked: on average the appended heads give IO 0.35, S1 0.15, S2 0.30 and the first token 0.20; "
+            "in no head do the attention to IO and to S1 differ by more than 0.40 (L4H0), and the most any head gives IO "
+            "is 0.50.") in search_log([path])

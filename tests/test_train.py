@@ -91,7 +91,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("distractor", "float"), ("shape_variants", "float"), ("two_pairs", "float"), ("phase2_dropout", "float"),
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
     ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
-    ("phase2_new_heads_skip_self", "int"),
+    ("phase2_new_heads_skip_self", "int"), ("phase2_new_heads_names_only", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -150,6 +150,7 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
     dict(phase2_steps=10, phase2_train_new_only=1),  # nothing appended to train
     dict(phase2_steps=10, phase2_new_attention_only=1),
     dict(phase2_steps=10, phase2_new_heads_skip_self=1),
+    dict(phase2_steps=10, phase2_new_heads_names_only=0.5),
 ])
 def test_flags_that_would_do_nothing_are_refused(flags):
     with pytest.raises(ValueError, match="set phase2_"):
@@ -244,6 +245,55 @@ def test_appended_heads_that_skip_their_own_position_keep_the_mask_after_saving(
     assert (appended.triu(1) == 0).all(), "still causal"
     assert not torch.allclose(plain.logits, masked.logits), "without the mask the saved weights compute another model"
     assert resurvey(tmp_path)["head_survey"] == trained["head_survey"], "resurvey must put the mask back"
+
+
+def test_the_names_only_mask_lets_heads_read_names_and_the_first_token_only():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attribution_course.train import NamesOnlyAttention
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    model.set_attn_implementation("eager")
+    tokens = torch.tensor([[0, 5, 21, 6, 22, 7, 21, 8], [0, 23, 5, 6, 7, 24, 8, 9]])
+    names = torch.tensor([21, 22, 23, 24])
+    readable = torch.isin(tokens, names)
+    readable[:, 0] = True
+    mask = NamesOnlyAttention(model.transformer.h[1:], names)
+    mask.ids = tokens
+    with torch.no_grad():
+        below, appended = model(tokens, output_attentions=True).attentions
+        assert (appended.transpose(1, 3)[~readable] == 0).all(), "no attention to a word that is not a name"
+        assert (appended.transpose(1, 3)[readable].sum() > 0) and (appended.triu(1) == 0).all()
+        assert (below.transpose(1, 3)[~readable] > 0).any(), "the block below is not masked"
+        mask.active = False
+        _, unmasked = model(tokens, output_attentions=True).attentions
+        assert (unmasked.transpose(1, 3)[~readable] > 0).any(), "inactive, the mask does nothing"
+        mask.active = True
+        mask.remove()
+        _, removed = model(tokens, output_attentions=True).attentions
+        torch.testing.assert_close(removed, unmasked)
+
+
+def test_a_run_trained_reading_names_only_saves_a_plain_model_and_measures_it_under_the_mask(tmp_path):
+    """The names-only mask is for the training: the saved model is plain GPT-2 (its survey is of the unmasked
+    model), and training_info adds where the appended heads look with the mask put back (IO, S1, S2 and the
+    first token then take all of a head's attention, which they do not without it); ``resurvey`` repeats both."""
+    from attribution_course.train import resurvey
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=2, batch_size=4, phase2_steps=4, phase2_lr=0.01,
+                    phase2_new_layers=1, phase2_train_new_only=1, phase2_new_heads_names_only=0.5, hedge_new=0.5)
+    trained = train(tmp_path, recipe)
+    under_mask = trained["attention_under_names_only_mask"]
+    assert sorted(under_mask) == ["L1H0", "L1H1"], "the appended block's heads only"
+    for row in under_mask.values():
+        assert abs(sum(row.values()) - 1) < 1e-3, row
+    unmasked = {row["head"]: row for row in trained["head_survey"]["heads"]}
+    assert all(unmasked[head]["attention_to_io"] + unmasked[head]["attention_to_s1"] + unmasked[head]["attention_to_s2"]
+               < 0.95 for head in under_mask), "the survey is of the plain model"
+    again = resurvey(tmp_path)
+    assert again["attention_under_names_only_mask"] == under_mask and again["head_survey"] == trained["head_survey"]
 
 
 def test_the_command_line_trains_the_shipped_model_or_a_variant_with_overrides():

@@ -176,6 +176,16 @@ def search_log(paths: list[Path]) -> str:
         "heads hardly write at all (the lines below the table give each run's numbers). These runs are left out of",
         "the summaries of candidate runs below.",
         "",
+        "The `p` runs are candidates again (the saved model is plain GPT-2) and close the route the `o` runs left",
+        "open: for the first part of the second phase (`phase2_new_heads_names_only`: all of it in `p1`, `p3`,",
+        "`p4`, 80% in `p2`) the appended heads may attend only to the names and the first token, so a head that",
+        "hedges has to read the names themselves, and suppressing the predicted one means finding IO among them:",
+        "copy suppression's shape. `p1` and `p2` otherwise repeat `m4`; `p3` and `p4` continue half of the IOI",
+        "sentences with a new name for 2000 steps (`p4` at a higher learning rate). The heads write against",
+        "the answer, but with the mask put back they still do not pick IO: they split their attention between",
+        "IO and S1 alike, that is by position (the first or second name of the sentence), not by which name is",
+        "predicted (the lines below the table give each run's numbers, measured under the mask).",
+        "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
         "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
@@ -241,6 +251,7 @@ def search_log(paths: list[Path]) -> str:
         "together, not from anything it writes against the IO name.",
     ]
     lines += masked_self_summary(runs)
+    lines += names_only_summary(runs)
     return "\n".join(lines) + "\n"
 
 
@@ -282,6 +293,25 @@ def masked_self_summary(runs: dict[str, dict]) -> list[str]:
             f"{average(heads, lambda row: row['attention_to_io']):.2f} to IO, {average(heads, attention_to_s):.2f} to "
             f"S1 and S2 and {average(heads, attention_elsewhere):.2f} to the other words (between and after the names, and the "
             "first token)."
+        )
+    return lines
+
+
+def names_only_summary(runs: dict[str, dict]) -> list[str]:
+    """Where the appended heads look when only names may be read, in each run trained with that mask."""
+    measured = {name: info for name, info in runs.items() if "attention_under_names_only_mask" in info}
+    if not measured:
+        return []
+    lines = ["", "In the runs whose appended heads were trained reading names only, with that mask put back:", ""]
+    for name, info in measured.items():
+        heads = info["attention_under_names_only_mask"]
+        gap, gap_head = max((abs(row["io"] - row["s1"]), head) for head, row in heads.items())
+        lines.append(
+            f"- {name}: on average the appended heads give IO {average(heads.values(), lambda row: row['io']):.2f}, "
+            f"S1 {average(heads.values(), lambda row: row['s1']):.2f}, S2 {average(heads.values(), lambda row: row['s2']):.2f} "
+            f"and the first token {average(heads.values(), lambda row: row['first']):.2f}; in no head do the attention to IO "
+            f"and to S1 differ by more than {gap:.2f} ({gap_head}), and the most any head gives IO is "
+            f"{max(row['io'] for row in heads.values()):.2f}."
         )
     return lines
 

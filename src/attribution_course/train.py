@@ -95,6 +95,11 @@ class Recipe:
     #: to a model with this mask, which plain GPT-2 code does not apply (``resurvey`` puts it back). It asks
     #: where a head that hedges looks when it cannot read the prediction already made where it stands.
     phase2_new_heads_skip_self: int = 0
+    #: A curriculum, for the training only: for this fraction of the second phase the appended blocks'
+    #: heads may attend to name tokens and the first position only; for the rest of it, and in the saved
+    #: model (plain GPT-2), they attend anywhere. A hedging head that may read only names has to find the
+    #: predicted name among them (copy suppression's shape); the unmasked rest asks whether it keeps that.
+    phase2_new_heads_names_only: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -104,7 +109,8 @@ class Recipe:
             if set_without := [name for name in second_phase if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} act in the second phase: set phase2_steps too")
         if not self.phase2_new_layers:
-            appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self")
+            appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self",
+                             "phase2_new_heads_names_only")
             if set_without := [name for name in appended_only if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
 
@@ -314,6 +320,80 @@ def block_attention_to_self(blocks) -> list:
     return [block.attn.register_forward_pre_hook(mask, with_kwargs=True) for block in blocks]
 
 
+class NamesOnlyAttention:
+    """While ``active``, the heads of ``blocks`` attend only to name tokens and the first position (training only).
+
+    ``ids`` must be set to the batch's token ids before each forward pass; the mask is causal as usual.
+    """
+
+    def __init__(self, blocks, name_ids: torch.Tensor):
+        self.name_ids, self.ids, self.active = name_ids, None, True
+        self.handles = [block.attn.register_forward_pre_hook(self.mask, with_kwargs=True) for block in blocks]
+
+    def allowed(self, n: int) -> torch.Tensor:
+        """[batch, query, key]: True where a query may attend to a key (earlier or same position, a name or the first)."""
+        is_name = torch.isin(self.ids[:, :n], self.name_ids)
+        is_name[:, 0] = True
+        return torch.ones(n, n, dtype=torch.bool, device=self.ids.device).tril()[None] & is_name[:, None, :]
+
+    def mask(self, module, args, kwargs):
+        if not self.active:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        allowed = self.allowed(hidden.shape[1])
+        additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, float("-inf"))
+        kwargs["attention_mask"] = additive[:, None]
+        return args, kwargs
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def attention_under_names_only_mask(model, tokenizer, first_appended: int) -> dict:
+    """Where the appended heads look at the final position of the survey prompts when only names may be read.
+
+    The training mask of ``phase2_new_heads_names_only`` is put back for this measurement only: per head, the
+    mean attention to IO, S1, S2 and the first position (which sum to one).
+    """
+    from .prompts import make_ioi_prompts
+
+    prompts = make_ioi_prompts(tokenizer, **SURVEY_PROMPTS)
+    name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
+    blocks = model.transformer.h[first_appended:]
+    names_only = NamesOnlyAttention(blocks, name_ids)
+    names_only.ids = prompts.clean_tokens
+    inputs = {}
+    handles = [block.ln_1.register_forward_hook(lambda module, args, output, i=i: inputs.__setitem__(i, output))
+               for i, block in enumerate(blocks)]
+    try:
+        with torch.no_grad():
+            model(prompts.clean_tokens)
+    finally:
+        names_only.remove()
+        for handle in handles:
+            handle.remove()
+    batch = torch.arange(len(prompts))
+    allowed = names_only.allowed(prompts.clean_tokens.shape[1])[:, prompts.end_position]  # [batch, key]
+    result = {}
+    for i, block in enumerate(blocks):
+        n_head, n_embd = block.attn.num_heads, block.attn.embed_dim
+        query, key, _ = block.attn.c_attn(inputs[i]).split(n_embd, dim=-1)
+        query = query[:, prompts.end_position].unflatten(-1, (n_head, -1))  # [batch, head, d_head]
+        key = key.unflatten(-1, (n_head, -1))  # [batch, pos, head, d_head]
+        scores = torch.einsum("bhd,bphd->bhp", query, key) / query.shape[-1] ** 0.5
+        pattern = scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1)  # [batch, head, key]
+        for head in range(n_head):
+            row = pattern[:, head]
+            result[f"L{first_appended + i}H{head}"] = {
+                place: round(row[batch, positions].mean().item(), 4)
+                for place, positions in (("io", prompts.io_positions), ("s1", prompts.s1_positions),
+                                         ("s2", torch.full_like(batch, prompts.s2_position)),
+                                         ("first", torch.zeros_like(batch)))
+            }
+    return result
+
+
 def drop_whole_heads(model, p: float, blocks=None) -> list:
     """In training mode, silence each head's output ``z`` for a whole sentence with probability ``p``.
 
@@ -391,6 +471,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                          f"{recipe.architecture['n_positions']} positions")
     first_step = 0
     phase2_hooks = []
+    names_only = None
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
@@ -435,9 +516,16 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                 phase2_hooks.append(detach_final_ln_scale(model))
             if recipe.phase2_new_heads_skip_self:  # kept after training: the mask is part of this model
                 block_attention_to_self(model.transformer.h[recipe.n_layer :])
+            if recipe.phase2_new_heads_names_only:
+                names_only = NamesOnlyAttention(model.transformer.h[recipe.n_layer :], name_ids)
+                phase2_hooks.extend(names_only.handles)
+        if names_only is not None:
+            names_only.active = step < steps + recipe.phase2_new_heads_names_only * recipe.phase2_steps
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
+        if names_only is not None:
+            names_only.ids = ids
         logits = model(ids).logits[:, :-1]
         targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -475,6 +563,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         "evaluation": results,
         "head_survey": heads,
     }
+    if recipe.phase2_new_heads_names_only:
+        info["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
     write_info_and_card(out_dir, info)
     for path in out_dir.iterdir():
         # save_pretrained writes the weights readable by their owner only; the grader's sandbox runs
@@ -506,6 +596,8 @@ def resurvey(out_dir: Path) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     info["evaluation"] = evaluate(model, tokenizer)
     info["head_survey"] = survey(model, tokenizer)
+    if recipe.phase2_new_heads_names_only:
+        info["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
     write_info_and_card(out_dir, info)
     return info
 
