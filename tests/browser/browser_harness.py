@@ -709,6 +709,22 @@ def overflow_problems(report: NavigationReport) -> list[str]:
             f"(scrolls sideways by {excess} px); widest: {'; '.join(layout['widestElements']) or '?'}"]
 
 
+#: The smallest type a table may take on a phone (course.css shrinks tables there, so that more of them fit).
+MIN_TABLE_FONT_PX = 12
+
+
+def table_problems(report: NavigationReport) -> list[str]:
+    """Every table's type is at least MIN_TABLE_FONT_PX, whatever the screen."""
+    return [f"{report.name} at {report.viewport['width']} px: the table starting \"{table['head']}\" is set in "
+            f"{table['fontPx']:.1f} px type (at least {MIN_TABLE_FONT_PX} px)"
+            for table in report.layout.get("tables", []) if table["fontPx"] < MIN_TABLE_FONT_PX]
+
+
+def scrolling_tables(report: NavigationReport) -> list[dict]:
+    """The tables wider than the box they sit in (they scroll inside it; the page does not)."""
+    return [table for table in report.layout.get("tables", []) if table["width"] > table["box"] + 1]
+
+
 def _clickable_toggle(report: NavigationReport, which: str, what: str) -> tuple[dict, str, list[str]]:
     """The toggle's facts, its label for messages, and the problems that stop any further check."""
     toggle = report.toggles.get(which, {})

@@ -16,6 +16,7 @@ import browser_harness as harness
 
 HERE = Path(__file__).parent
 VISITED: list[harness.PageReport] = []  # every page visit of the session, for the summary line
+PHONE_VISITS: list[harness.NavigationReport] = []  # every visit at a phone's width, for the tables' line
 
 
 def _missing_requirement() -> str | None:
@@ -42,7 +43,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 def summary_lines() -> list[str]:
-    """What this process's page visits found: pages, figures, how much of each plot's axes holds data."""
+    """What this process's page visits found: pages, figures, how much of each plot's axes holds data, and
+    which tables scroll on a phone."""
+    return figure_summary_lines() + phone_table_summary_lines()
+
+
+def figure_summary_lines() -> list[str]:
     if not VISITED:
         return []
     seconds = sum(r.seconds for r in VISITED)
@@ -60,6 +66,15 @@ def summary_lines() -> list[str]:
             f"lowest text contrast {min(contrast, default=float('nan')):.1f}:1"
         )
     return lines
+
+
+def phone_table_summary_lines() -> list[str]:
+    tables = sum(len(r.layout.get("tables", [])) for r in PHONE_VISITS)
+    if not tables:
+        return []
+    scrolling = [(r.name, t) for r in PHONE_VISITS for t in harness.scrolling_tables(r)]
+    return [f"browser: at {harness.PHONE_VIEWPORT['width']} px, {len(scrolling)} of {tables} tables scroll inside "
+            "their box: " + ", ".join(f"{name} \"{t['head']}\" ({t['width']} px in {t['box']})" for name, t in scrolling)]
 
 
 def pytest_sessionfinish(session):
@@ -153,5 +168,7 @@ class SiteVisits:
             self.navigation_reports[key] = harness.navigation_visit(
                 self.browser, self.server.url(f"{page_name}.html"), page_name.replace("/", "__"), self.blocked_log, viewport
             )
+            if viewport == harness.PHONE_VIEWPORT:
+                PHONE_VISITS.append(self.navigation_reports[key])
         return self.navigation_reports[key]
 

@@ -48,5 +48,12 @@
     secondaryLinksOnTop: countOnTop(secondaryLinks),
     visibleSearchFields: [...document.querySelectorAll(".search-button-field, form.bd-search")].filter(visible).length,
     topBarVisible: [...document.querySelectorAll("#pst-header, header.bd-header")].some(visible),
+    // Each table in the article: how wide it is, the box it scrolls in, and its type size.
+    tables: [...document.querySelectorAll(".bd-article table")].map((t) => ({
+      width: t.scrollWidth,
+      box: t.parentElement.clientWidth,
+      fontPx: parseFloat(getComputedStyle(t).fontSize),
+      head: (t.querySelector("th, td")?.textContent || "").replace(/\s+/g, " ").trim().slice(0, 30),
+    })),
   };
 }

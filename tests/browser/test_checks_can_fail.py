@@ -65,7 +65,8 @@ PHONE_NAVIGATION_BROKEN = """
 <button class="secondary-toggle" title="Toggle secondary sidebar">≡</button>
 <button class="search-button-field">Search Ctrl+K</button></div>
 <div class="bd-sidebar-primary" style="display:none"><nav><a href="01_introduction.html">1. Introduction</a></nav></div>
-<p><code style="white-space:nowrap">blocks.0.attn.hook_z_a_very_long_hook_name_that_does_not_wrap_on_a_phone_screen</code></p>"""
+<p><code style="white-space:nowrap">blocks.0.attn.hook_z_a_very_long_hook_name_that_does_not_wrap_on_a_phone_screen</code></p>
+<div style="overflow-x:auto"><table style="font-size:9px"><tr><th style="min-width:600px">tiny and wide</th></tr></table></div>"""
 # Desktop: the ☰ button collapses the sidebar in place and brings it back.
 DESKTOP_NAVIGATION = """
 <div class="bd-header-article"><button class="primary-toggle"
@@ -160,7 +161,8 @@ PAGES = {
         body='<script>console.error("synthetic console error");</script>'
         "<script>window.undefinedFunctionCall();</script><img src=\"missing.png\">",
     ),
-    "phone_ok": dict(title=f"Phone — {COURSE}", extra_head="", body=PHONE_NAVIGATION + "<p>Short text.</p>"),
+    "phone_ok": dict(title=f"Phone — {COURSE}", extra_head="",
+                     body=PHONE_NAVIGATION + "<p>Short text.</p><div><table><tr><th>head</th><td>+0.1</td></tr></table></div>"),
     "phone_broken": dict(title=f"Phone broken — {COURSE}", extra_head="", body=PHONE_NAVIGATION_BROKEN),
     "desktop_ok": dict(title=f"Desktop — {COURSE}", extra_head="", body=DESKTOP_NAVIGATION),
     "cloud": dict(
@@ -330,6 +332,9 @@ def test_phone_navigation_checks(synthetic):
     assert "2 search fields" in problems and "top bar" in problems, problems
     problems = harness.overflow_problems(broken)
     assert problems and "scrolls sideways" in problems[0] and "hook_z" in problems[0], problems
+    assert harness.table_problems(working) == [] and harness.scrolling_tables(working) == [], working.layout["tables"]
+    assert "\"tiny and wide\" is set in 9.0 px type" in " ".join(harness.table_problems(broken)), broken.layout["tables"]
+    assert [table["head"] for table in harness.scrolling_tables(broken)] == ["tiny and wide"]
 
 
 def test_figure_layout_checks(synthetic):

@@ -160,6 +160,12 @@ def test_no_horizontal_scrolling_on_a_phone(site, page):
     _assert_none(harness.overflow_problems(site.navigation(page, harness.PHONE_VIEWPORT)))
 
 
+@pytest.mark.parametrize("page", PAGES)
+def test_tables_legible_on_a_phone(site, page):
+    """At 390 px tables take smaller type, so that more of them fit, but never below 12 px."""
+    _assert_none(harness.table_problems(site.navigation(page, harness.PHONE_VIEWPORT)))
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if p not in OTHER_PAGES])
 def test_figures_legible_on_a_phone(site, page):
     """At 390 px: titles clear of the toolbar, legends in the figure and off the plot, the plot at
