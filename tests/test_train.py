@@ -92,6 +92,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
     ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
     ("phase2_new_heads_skip_self", "int"), ("phase2_new_heads_names_only", "float"),
+    ("crowd", "float"), ("crowd_before", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -155,6 +156,32 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
 def test_flags_that_would_do_nothing_are_refused(flags):
     with pytest.raises(ValueError, match="set phase2_"):
         Recipe(**flags)
+
+
+def test_crowded_sentences_put_a_third_name_between_the_clauses_or_before_the_sentence():
+    """``crowd``: a clause about a name that is neither IO nor S, after the first clause's comma or, for a share
+    ``crowd_before``, as a sentence of its own in front; the answer is still IO."""
+    import random
+
+    from attribution_course import corpus
+    from attribution_course.train import training_sentence
+
+    def ioi_sentences(recipe, n=400):
+        rng = random.Random(0)
+        sentences = (training_sentence(rng, recipe).split() for _ in range(n))
+        return [words for words in sentences if "," in words]  # the IOI ones (filler sentences have no comma)
+
+    between = ioi_sentences(Recipe(crowd=1.0))
+    assert between and all(words[words.index(",") + 1 : words.index(",") + 3][1] == "likes" for words in between)
+    for words in between:
+        third = words[words.index(",") + 1]
+        assert third in corpus.TRAIN_NAMES and words.count(third) == 1 and words[-2] != third
+        assert words[-2] in words[:4], "the answer is still a name of the first clause (IO)"
+    placed = ioi_sentences(Recipe(crowd=1.0, crowd_before=0.5))
+    in_front = [words for words in placed if words[1] == "likes" and words[4] == "."]
+    assert 0.35 < len(in_front) / len(placed) < 0.65, len(in_front)
+    with pytest.raises(ValueError, match="set crowd too"):
+        Recipe(crowd_before=0.5)
 
 
 def test_sentences_longer_than_the_model_are_refused(tmp_path):

@@ -67,6 +67,14 @@ class Recipe:
     #: may be any of the four and the answer is its partner, so subtracting the subject from the names
     #: in context no longer leaves the answer; the model has to find the partner.
     two_pairs: float = 0.0
+    #: A share of the IOI sentences with a clause about a third name between the first clause and the
+    #: second ("..., C likes the PLACE , S gave ..."): the names in context, less the subject, then leave
+    #: two names, so the final position has to single out IO (as GPT-2 small's name movers do) rather than
+    #: read a bag of the names.
+    crowd: float = 0.0
+    #: Of those, the share whose clause is a sentence of its own before the IOI sentence ("C likes the PLACE .
+    #: When ..."), so that neither the third name's position nor its distance from the end tells it from IO.
+    crowd_before: float = 0.0
     #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
     extra_data_from: float = 0.0
     #: A second phase of this many steps, with its own one-cycle schedule peaking at ``phase2_lr``,
@@ -104,6 +112,8 @@ class Recipe:
 
     def __post_init__(self):
         # Flags that would otherwise do nothing, silently, while the log lists them as tried.
+        if self.crowd_before and not self.crowd:
+            raise ValueError("crowd_before places the clauses that crowd adds: set crowd too")
         if not self.phase2_steps:
             second_phase = ("phase2_dropout", "phase2_head_dropout", "phase2_new_layers", "phase2_detach_final_ln_scale")
             if set_without := [name for name in second_phase if getattr(self, name)]:
@@ -174,7 +184,9 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
     ``recipe.distractor`` of those sentences comes after a filler sentence about
     a third name, which shifts every position and puts in context a name that is
     neither repeated nor the answer; a share ``recipe.shape_variants`` grows a
-    second place and a second object (:func:`vary_shape`); and a share
+    second place and a second object (:func:`vary_shape`); a share
+    ``recipe.crowd`` gets a clause about a third name between its clauses (or,
+    for a share ``recipe.crowd_before`` of those, in front); and a share
     ``recipe.two_pairs`` of all IOI sentences has two pairs of names and answers
     with the subject's partner.
     """
@@ -206,6 +218,16 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
                 answer = f"the {rng.choice(corpus.PLACES)}"
         if recipe.shape_variants:
             text = vary_shape(rng, text, recipe.shape_variants)
+        if recipe.crowd and rng.random() < recipe.crowd:
+            third = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
+            clause = [third, "likes", "the", rng.choice(corpus.PLACES)]
+            words = text.split()
+            if recipe.crowd_before and rng.random() < recipe.crowd_before:
+                words[0:0] = clause + ["."]
+            else:
+                comma = words.index(",") + 1
+                words[comma:comma] = clause + [","]
+            text = " ".join(words)
         if recipe.distractor and rng.random() < recipe.distractor:
             other = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
             filler = rng.choice(corpus.FILLER_TEMPLATES)
@@ -464,6 +486,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         length += 6
     if recipe.two_pairs:  # ... and a second pair of names
         length += 4
+    if recipe.crowd:  # ... and a clause about a third name
+        length += 5
     if recipe.hedge_place:  # ... and "the PLACE" as the answer
         length += 1
     if length > recipe.architecture["n_positions"]:
