@@ -177,11 +177,25 @@ def test_crowded_sentences_put_a_third_name_between_the_clauses_or_before_the_se
         third = words[words.index(",") + 1]
         assert third in corpus.TRAIN_NAMES and words.count(third) == 1 and words[-2] != third
         assert words[-2] in words[:4], "the answer is still a name of the first clause (IO)"
+    with_distractor = ioi_sentences(Recipe(crowd=1.0, crowd_before=0.5, distractor=1.0))
+    for words in with_distractor:
+        # the clause is "C likes the PLACE" then "," or "."; the filler's "A likes the PLACE and the OBJECT ." is not
+        third = next(words[i - 1] for i, word in enumerate(words) if word == "likes" and words[i + 3] in (".", ","))
+        assert words.count(third) == 1, words
     placed = ioi_sentences(Recipe(crowd=1.0, crowd_before=0.5))
     in_front = [words for words in placed if words[1] == "likes" and words[4] == "."]
     assert 0.35 < len(in_front) / len(placed) < 0.65, len(in_front)
     with pytest.raises(ValueError, match="set crowd too"):
         Recipe(crowd_before=0.5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(phase2_new_heads_names_only=1.5), "a share of the second phase"),
+    (dict(phase2_new_heads_names_only=0.5, phase2_new_heads_skip_self=1), "use one"),
+])
+def test_names_only_mask_settings_that_make_no_sense_are_refused(flags, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(phase2_steps=10, phase2_new_layers=1, **flags)
 
 
 def test_sentences_longer_than_the_model_are_refused(tmp_path):
@@ -317,8 +331,8 @@ def test_a_run_trained_reading_names_only_saves_a_plain_model_and_measures_it_un
     for row in under_mask.values():
         assert abs(sum(row.values()) - 1) < 1e-3, row
     unmasked = {row["head"]: row for row in trained["head_survey"]["heads"]}
-    assert all(unmasked[head]["attention_to_io"] + unmasked[head]["attention_to_s1"] + unmasked[head]["attention_to_s2"]
-               < 0.95 for head in under_mask), "the survey is of the plain model"
+    # Under the mask the final word (not a name) gets no attention; in the plain model it does.
+    assert any(unmasked[head]["attention_to_end"] > 0 for head in under_mask), "the survey is of the plain model"
     again = resurvey(tmp_path)
     assert again["attention_under_names_only_mask"] == under_mask and again["head_survey"] == trained["head_survey"]
 

@@ -69,11 +69,11 @@ class Recipe:
     two_pairs: float = 0.0
     #: A share of the IOI sentences with a clause about a third name between the first clause and the
     #: second ("..., C likes the PLACE , S gave ..."): the names in context, less the subject, then leave
-    #: two names, so the final position has to single out IO (as GPT-2 small's name movers do) rather than
-    #: read a bag of the names.
+    #: two names, so a bag of all the names no longer gives the answer. (In these templates the third name
+    #: never takes a position IO or S1 takes, so a bag of the names at IO's and S1's positions still does.)
     crowd: float = 0.0
     #: Of those, the share whose clause is a sentence of its own before the IOI sentence ("C likes the PLACE .
-    #: When ..."), so that neither the third name's position nor its distance from the end tells it from IO.
+    #: When ..."), which moves every later position.
     crowd_before: float = 0.0
     #: The hedging and ABC sentences start at this fraction of ``steps`` (0: from the start).
     extra_data_from: float = 0.0
@@ -114,6 +114,11 @@ class Recipe:
         # Flags that would otherwise do nothing, silently, while the log lists them as tried.
         if self.crowd_before and not self.crowd:
             raise ValueError("crowd_before places the clauses that crowd adds: set crowd too")
+        if not 0 <= self.phase2_new_heads_names_only <= 1:
+            raise ValueError(f"phase2_new_heads_names_only is a share of the second phase, not {self.phase2_new_heads_names_only}")
+        if self.phase2_new_heads_names_only and self.phase2_new_heads_skip_self:
+            raise ValueError("phase2_new_heads_names_only and phase2_new_heads_skip_self both set the appended heads' "
+                             "attention mask; use one")
         if not self.phase2_steps:
             second_phase = ("phase2_dropout", "phase2_head_dropout", "phase2_new_layers", "phase2_detach_final_ln_scale")
             if set_without := [name for name in second_phase if getattr(self, name)]:
@@ -218,6 +223,7 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
                 answer = f"the {rng.choice(corpus.PLACES)}"
         if recipe.shape_variants:
             text = vary_shape(rng, text, recipe.shape_variants)
+        third = None  # the crowd clause's name, if any
         if recipe.crowd and rng.random() < recipe.crowd:
             third = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
             clause = [third, "likes", "the", rng.choice(corpus.PLACES)]
@@ -229,7 +235,9 @@ def training_sentence(rng: random.Random, recipe: "Recipe") -> str:
                 words[comma:comma] = clause + [","]
             text = " ".join(words)
         if recipe.distractor and rng.random() < recipe.distractor:
-            other = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer)])
+            # Run q1 drew from this list without excluding the third name (0.2% of its crowded sentences
+            # then had that name twice); the list is shorter since, so q1's exact draws are not reproduced.
+            other = rng.choice([name for name in corpus.TRAIN_NAMES if name not in (io, s, answer, third)])
             filler = rng.choice(corpus.FILLER_TEMPLATES)
             text = f"{filler.format(A=other, PLACE=rng.choice(corpus.PLACES), OBJECT=rng.choice(corpus.OBJECTS))} {text}"
         return f"{text} {answer} ."
@@ -395,6 +403,8 @@ def attention_under_names_only_mask(model, tokenizer, first_appended: int) -> di
         names_only.remove()
         for handle in handles:
             handle.remove()
+    # The scores below are computed as GPT-2 does with its default attention scaling (1/sqrt(d_head)).
+    assert model.config.scale_attn_weights and not model.config.scale_attn_by_inverse_layer_idx
     batch = torch.arange(len(prompts))
     allowed = names_only.allowed(prompts.clean_tokens.shape[1])[:, prompts.end_position]  # [batch, key]
     result = {}

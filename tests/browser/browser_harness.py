@@ -714,7 +714,7 @@ MIN_TABLE_FONT_PX = 12
 
 
 def table_problems(report: NavigationReport) -> list[str]:
-    """Every table's type is at least MIN_TABLE_FONT_PX, whatever the screen."""
+    """The smallest text in every table (inline code included) is at least MIN_TABLE_FONT_PX, whatever the screen."""
     return [f"{report.name} at {report.viewport['width']} px: the table starting \"{table['head']}\" is set in "
             f"{table['fontPx']:.1f} px type (at least {MIN_TABLE_FONT_PX} px)"
             for table in report.layout.get("tables", []) if table["fontPx"] < MIN_TABLE_FONT_PX]

@@ -52,7 +52,10 @@
     tables: [...document.querySelectorAll(".bd-article table")].map((t) => ({
       width: t.scrollWidth,
       box: t.parentElement.clientWidth,
-      fontPx: parseFloat(getComputedStyle(t).fontSize),
+      // the smallest type of any text in it (maths excepted: MathJax draws it as SVG, scaled to the text)
+      fontPx: Math.min(1e9, ...[t, ...t.querySelectorAll("th, td, th *, td *")]
+        .filter((el) => !el.closest("mjx-container") && [...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim()))
+        .map((el) => parseFloat(getComputedStyle(el).fontSize))),  // 1e9: no text but maths
       head: (t.querySelector("th, td")?.textContent || "").replace(/\s+/g, " ").trim().slice(0, 30),
     })),
   };
