@@ -330,6 +330,16 @@ def detach_final_ln_scale(model):
     return model.transformer.ln_f.register_forward_hook(constant_scale)
 
 
+def additive_attention_mask(allowed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """0 where ``allowed``, -inf elsewhere, in the dtype and on the device of the hidden states ``like``."""
+    return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
+
+
+def name_token_ids(tokenizer) -> torch.Tensor:
+    """The token ids of every name of the corpus, train and test."""
+    return torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
+
+
 def block_attention_to_self(blocks) -> list:
     """The heads of ``blocks`` may not attend to their own position, except at the first position.
 
@@ -343,8 +353,7 @@ def block_attention_to_self(blocks) -> list:
         n = hidden.shape[1]
         blocked = torch.ones(n, n, dtype=torch.bool, device=hidden.device).triu()  # later positions and the diagonal
         blocked[0, 0] = False
-        additive = torch.zeros(n, n, dtype=hidden.dtype, device=hidden.device).masked_fill(blocked, float("-inf"))
-        kwargs["attention_mask"] = additive[None, None]
+        kwargs["attention_mask"] = additive_attention_mask(~blocked, like=hidden)[None, None]
         return args, kwargs
 
     return [block.attn.register_forward_pre_hook(mask, with_kwargs=True) for block in blocks]
@@ -370,9 +379,7 @@ class NamesOnlyAttention:
         if not self.active:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        allowed = self.allowed(hidden.shape[1])
-        additive = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, float("-inf"))
-        kwargs["attention_mask"] = additive[:, None]
+        kwargs["attention_mask"] = additive_attention_mask(self.allowed(hidden.shape[1]), like=hidden)[:, None]
         return args, kwargs
 
     def remove(self):
@@ -389,7 +396,7 @@ def attention_under_names_only_mask(model, tokenizer, first_appended: int) -> di
     from .prompts import make_ioi_prompts
 
     prompts = make_ioi_prompts(tokenizer, **SURVEY_PROMPTS)
-    name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
+    name_ids = name_token_ids(tokenizer)
     blocks = model.transformer.h[first_appended:]
     names_only = NamesOnlyAttention(blocks, name_ids)
     names_only.ids = prompts.clean_tokens
@@ -484,7 +491,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         **{**recipe.architecture, "n_layer": recipe.n_layer},
     )
     model = GPT2LMHeadModel(config)
-    name_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(corpus.TRAIN_NAMES + corpus.TEST_NAMES)))
+    name_ids = name_token_ids(tokenizer)
     embedding = model.transformer.wte.weight  # tied with the unembedding
     fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
