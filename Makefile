@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PYDEVD_DISABLE_FILE_VALIDATION := 1
 
-.PHONY: venv book test lock train train-variant search-log bench grade grade-scale exercises lab browser-test clean
+.PHONY: venv book book-if-stale test lock train train-variant search-log bench grade grade-scale exercises lab browser-test clean
 
 venv: $(STAMP)
 
@@ -23,15 +23,23 @@ $(STAMP): requirements.lock pyproject.toml
 
 # Builds the HTML book into book/_build/html, executing every chapter (strict: warnings fail).
 # --all: rebuild every page, so no chapter keeps outputs from an older model or package.
+# tools/book_inputs.py records what the build read, so that `make test` can tell whether it is stale.
 book: $(STAMP)
 	bash .ci/install-site-assets
 	$(BIN)/python -m attribution_course.exercises sync-book
+	$(BIN)/python tools/book_inputs.py write-pending
 	$(BIN)/jupyter-book build --all -W -n --keep-going book
+	$(BIN)/python tools/book_inputs.py commit
+
+# The book as `make book` builds it: rebuilt unless the last `make book` built it from these very files.
+book-if-stale: $(STAMP)
+	bash .ci/install-site-assets
+	@$(BIN)/python tools/book_inputs.py check || $(MAKE) --no-print-directory book
 
 # Two pytest workers (pytest-xdist), one test file each at a time, so that a file's shared batch is
 # graded once; PYTEST_WORKERS=0 runs the suite in one process.
 PYTEST_WORKERS ?= 2
-test: book
+test: book-if-stale
 	bash .ci/install-actionlint
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
@@ -91,7 +99,7 @@ bench: $(STAMP)
 # ---- the site in a real browser (issue 6)
 # Installs Debian's chromium + chromium-driver (apt-get; sudo when not root) and the Python driver if
 # missing, then runs only the browser tests (tests/browser); screenshots go to test-output/browser/.
-browser-test: book
+browser-test: book-if-stale
 	bash .ci/install-chromium
 	@$(BIN)/python -c "import playwright.sync_api, PIL" 2>/dev/null || \
 	  $(BIN)/pip install --quiet $$(grep -iE '^(playwright|greenlet|pillow)==' requirements.lock)

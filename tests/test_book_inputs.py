@@ -1,0 +1,82 @@
+"""`make test` reuses the book of `make book` only when nothing the build reads has changed (tools/book_inputs.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("book_inputs", ROOT / "tools" / "book_inputs.py")
+book_inputs = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(book_inputs)
+
+
+@pytest.fixture
+def checkout(tmp_path):
+    """A git checkout with a chapter, a test, an ignored file and a built book whose digest is recorded."""
+    files = {"book/01_intro.md": "# Intro\n", "src/pkg.py": "X = 1\n", "tests/test_x.py": "def test(): pass\n",
+             ".gitignore": "book/_build/\nscratch/\n", "book/_build/html/index.html": "<html></html>"}
+    for relative, text in files.items():
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_text(text)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    digest_file = tmp_path / "book" / "_build" / ".inputs-digest"
+    digest_file.write_text(book_inputs.inputs_digest(tmp_path) + "\n")
+    return tmp_path, digest_file
+
+
+def fresh(checkout) -> bool:
+    root, digest_file = checkout
+    return book_inputs.is_up_to_date(root, digest_file)[0]
+
+
+def test_an_unchanged_checkout_is_up_to_date(checkout):
+    assert fresh(checkout)
+    assert "book/_build/.inputs-digest.pending" not in book_inputs.input_files(checkout[0])
+
+
+def test_tests_and_ignored_files_do_not_make_the_book_stale(checkout):
+    root, _ = checkout
+    (root / "tests" / "test_x.py").write_text("def test(): assert True\n")
+    (root / "tests" / "test_new.py").write_text("")
+    (root / "scratch").mkdir()
+    (root / "scratch" / "notes.txt").write_text("ignored by git")
+    assert fresh(checkout)
+
+
+@pytest.mark.parametrize("change", ["edit a chapter", "edit the package", "add an untracked file", "delete a tracked file",
+                                    "install the site assets"])
+def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change):
+    root, _ = checkout
+    if change == "edit a chapter":
+        (root / "book" / "01_intro.md").write_text("# Intro, edited\n")
+    elif change == "edit the package":
+        (root / "src" / "pkg.py").write_text("X = 2\n")
+    elif change == "add an untracked file":
+        (root / "book" / "02_new.md").write_text("# New\n")
+    elif change == "delete a tracked file":
+        (root / "src" / "pkg.py").unlink()
+    else:
+        (root / book_inputs.SITE_ASSET).parent.mkdir(parents=True)
+        (root / book_inputs.SITE_ASSET).write_text("plotly")
+    assert not fresh(checkout)
+
+
+def test_no_digest_no_book_or_no_git_means_rebuild(checkout, tmp_path_factory):
+    root, digest_file = checkout
+    (root / "book" / "_build" / "html" / "index.html").unlink()
+    assert book_inputs.is_up_to_date(root, digest_file) == (False, "no built book")
+    (root / "book" / "_build" / "html" / "index.html").write_text("<html></html>")
+    assert fresh(checkout)
+    digest_file.unlink()
+    assert not fresh(checkout)
+    plain = tmp_path_factory.mktemp("not_a_checkout")
+    (plain / "book" / "_build" / "html").mkdir(parents=True)
+    (plain / "book" / "_build" / "html" / "index.html").write_text("<html></html>")
+    (plain / "book" / "_build" / ".inputs-digest").write_text("0" * 64)
+    up_to_date, reason = book_inputs.is_up_to_date(plain, plain / "book" / "_build" / ".inputs-digest")
+    assert not up_to_date and "git cannot list" in reason

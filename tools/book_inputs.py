@@ -1,0 +1,96 @@
+"""Is book/_build/html still the build of the files in this checkout?
+
+``make book`` always builds (every chapter executed) and then records a digest of everything the build
+could read: every file git knows of or would add (tracked or untracked, not ignored), except the tests
+and the CI workflows, plus whether the npm front-end assets are installed (they change what the pages
+serve). ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
+as it is, so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it
+builds the book again.
+
+    python tools/book_inputs.py write-pending   # before the build: book/_build/.inputs-digest.pending
+    python tools/book_inputs.py commit          # after a build that passed: the pending digest counts
+    python tools/book_inputs.py check           # exit 0 when the built book is up to date, 1 when not
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGEST = ROOT / "book" / "_build" / ".inputs-digest"
+PENDING = DIGEST.with_name(DIGEST.name + ".pending")
+# Not read by the build: a changed test or workflow does not make the built book stale.
+NOT_INPUTS = ("tests/", ".github/")
+# Installed by .ci/install-site-assets (ignored by git); its presence decides which plotly.js the pages load.
+SITE_ASSET = "tools/site-assets/node_modules/plotly.js-cartesian-dist-min/plotly-cartesian.min.js"
+
+
+class NoCheckout(RuntimeError):
+    """Raised when git cannot list the files (no git, or not a checkout): the inputs are unknown."""
+
+
+def input_files(root: Path = ROOT) -> list[str]:
+    """Paths (relative, sorted) of the files the book build may read."""
+    try:
+        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                                 cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise NoCheckout(f"git cannot list the files of {root}: {error}") from error
+    paths = {p for p in listing.decode().split("\0") if p}
+    return sorted(p for p in paths if not p.startswith(NOT_INPUTS))
+
+
+def inputs_digest(root: Path = ROOT) -> str:
+    """SHA-256 over each input's path and content (a deleted tracked file counts as deleted)."""
+    digest = hashlib.sha256()
+    for relative in input_files(root):
+        path = root / relative
+        digest.update(relative.encode() + b"\0")
+        digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"(missing)")
+    digest.update(b"site asset installed: " + str((root / SITE_ASSET).is_file()).encode())
+    return digest.hexdigest()
+
+
+def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, str]:
+    """(up to date, the reason in words)."""
+    if not (root / "book" / "_build" / "html" / "index.html").is_file():
+        return False, "no built book"
+    if not digest_file.is_file():
+        return False, f"no {digest_file.relative_to(root)} (the last build did not finish, or predates it)"
+    try:
+        current = inputs_digest(root)
+    except NoCheckout as error:
+        return False, str(error)
+    if digest_file.read_text().strip() != current:
+        return False, "files changed since the last make book"
+    return True, "built by make book from the files as they are now"
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else ""
+    if command == "write-pending":
+        DIGEST.unlink(missing_ok=True)  # a build that fails leaves no digest behind
+        PENDING.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            PENDING.write_text(inputs_digest() + "\n")
+        except NoCheckout as error:
+            PENDING.unlink(missing_ok=True)
+            print(f"book_inputs: {error}; make test will always rebuild the book", file=sys.stderr)
+        return 0
+    if command == "commit":
+        if PENDING.is_file():
+            PENDING.replace(DIGEST)
+        return 0
+    if command == "check":
+        fresh, reason = is_up_to_date()
+        print(f"book/_build/html: {'up to date' if fresh else 'rebuilding'} ({reason})")
+        return 0 if fresh else 1
+    print("usage: python tools/book_inputs.py write-pending | commit | check", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
