@@ -15,13 +15,14 @@ spec.loader.exec_module(book_inputs)
 
 
 @pytest.fixture
-def checkout(tmp_path):
+def checkout(tmp_path, monkeypatch):
     """A git checkout with a chapter, a test, an ignored file and a built book whose digest is recorded."""
     files = {"book/01_intro.md": "# Intro\n", "src/pkg.py": "X = 1\n", "tests/test_x.py": "def test(): pass\n",
              ".gitignore": "book/_build/\nscratch/\n", "book/_build/html/index.html": "<html></html>"}
     for relative, text in files.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text(text)
+    monkeypatch.delenv("COURSE_REPOSITORY_URL", raising=False)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     digest_file = tmp_path / "book" / "_build" / ".inputs-digest"
@@ -49,8 +50,8 @@ def test_tests_and_ignored_files_do_not_make_the_book_stale(checkout):
 
 
 @pytest.mark.parametrize("change", ["edit a chapter", "edit the package", "add an untracked file", "delete a tracked file",
-                                    "install the site assets"])
-def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change):
+                                    "install the site assets", "set the repository URL"])
+def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change, monkeypatch):
     root, _ = checkout
     if change == "edit a chapter":
         (root / "book" / "01_intro.md").write_text("# Intro, edited\n")
@@ -60,6 +61,8 @@ def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change):
         (root / "book" / "02_new.md").write_text("# New\n")
     elif change == "delete a tracked file":
         (root / "src" / "pkg.py").unlink()
+    elif change == "set the repository URL":
+        monkeypatch.setenv("COURSE_REPOSITORY_URL", "https://github.com/someone/course")
     else:
         (root / book_inputs.SITE_ASSET).parent.mkdir(parents=True)
         (root / book_inputs.SITE_ASSET).write_text("plotly")

@@ -3,7 +3,7 @@
 ``make book`` always builds (every chapter executed) and then records a digest of everything the build
 could read: every file git knows of or would add (tracked or untracked, not ignored), except the tests
 and the CI workflows, plus whether the npm front-end assets are installed (they change what the pages
-serve). ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
+serve) and the environment variables the build reads. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
 as it is, so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it
 builds the book again.
 
@@ -15,6 +15,7 @@ builds the book again.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,8 @@ DIGEST = ROOT / "book" / "_build" / ".inputs-digest"
 PENDING = DIGEST.with_name(DIGEST.name + ".pending")
 # Not read by the build: a changed test or workflow does not make the built book stale.
 NOT_INPUTS = ("tests/", ".github/")
+# Read by book/_ext/repository_links.py: it decides the pages' repository, Binder and Colab links.
+ENVIRONMENT = ("COURSE_REPOSITORY_URL",)
 # Installed by .ci/install-site-assets (ignored by git); its presence decides which plotly.js the pages load.
 SITE_ASSET = "tools/site-assets/node_modules/plotly.js-cartesian-dist-min/plotly-cartesian.min.js"
 
@@ -51,6 +54,8 @@ def inputs_digest(root: Path = ROOT) -> str:
         digest.update(relative.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"(missing)")
     digest.update(b"site asset installed: " + str((root / SITE_ASSET).is_file()).encode())
+    for name in ENVIRONMENT:
+        digest.update(f"\0{name}={os.environ.get(name, '')}".encode())
     return digest.hexdigest()
 
 
