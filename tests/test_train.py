@@ -92,7 +92,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("phase2_head_dropout", "float"), ("phase2_new_layers", "int"), ("phase2_train_new_only", "int"),
     ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
     ("phase2_new_heads_skip_self", "int"), ("phase2_new_heads_names_only", "float"),
-    ("crowd", "float"), ("crowd_before", "float"),
+    ("phase2_new_heads_token_values", "float"), ("crowd", "float"), ("crowd_before", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -152,6 +152,7 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
     dict(phase2_steps=10, phase2_new_attention_only=1),
     dict(phase2_steps=10, phase2_new_heads_skip_self=1),
     dict(phase2_steps=10, phase2_new_heads_names_only=0.5),
+    dict(phase2_steps=10, phase2_new_heads_token_values=0.5),
 ])
 def test_flags_that_would_do_nothing_are_refused(flags):
     with pytest.raises(ValueError, match="set phase2_"):
@@ -192,6 +193,7 @@ def test_crowded_sentences_put_a_third_name_between_the_clauses_or_before_the_se
 @pytest.mark.parametrize("flags, message", [
     (dict(phase2_new_heads_names_only=1.5), "a share of the second phase"),
     (dict(phase2_new_heads_names_only=0.5, phase2_new_heads_skip_self=1), "use one"),
+    (dict(phase2_new_heads_token_values=-0.1), "a share of the second phase"),
 ])
 def test_names_only_mask_settings_that_make_no_sense_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -315,6 +317,44 @@ def test_the_names_only_mask_lets_heads_read_names_and_the_first_token_only():
         mask.remove()
         _, removed = model(tokens, output_attentions=True).attentions
         torch.testing.assert_close(removed, unmasked)
+
+
+def test_token_values_give_appended_heads_values_from_the_embeddings_only():
+    """With the reroute, an appended head's output at a position is a mix of its values computed from the
+    embeddings alone: changing what the block below writes changes its attention, not its values."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attribution_course.train import TokenValues
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    model.set_attn_implementation("eager")
+    tokens = torch.tensor([[0, 5, 21, 6, 22, 7, 21, 8]])
+    appended = model.transformer.h[1]
+    with torch.no_grad():  # a block below that writes as much as a trained one, so that values move
+        for parameter in model.transformer.h[0].parameters():
+            parameter.normal_(0, 0.5)
+    reroute = TokenValues(model, [appended])
+    seen = {}  # what the attention receives: registered after the reroute's hook, so it sees its output
+    appended.attn.c_attn.register_forward_hook(lambda module, args, output: seen.__setitem__("qkv", output))
+    with torch.no_grad():
+        model(tokens)
+        rerouted = seen["qkv"]
+        reroute.active = False
+        model(tokens)
+        plain = seen["qkv"]
+        embedded = model.transformer.wte(tokens) + model.transformer.wpe(torch.arange(8))
+        c_attn = appended.attn.c_attn
+        from_embedding = appended.ln_1(embedded) @ c_attn.weight + c_attn.bias  # not a module call: no hooks
+        torch.testing.assert_close(rerouted[..., 32:], from_embedding[..., 32:])  # values: from the embeddings
+        torch.testing.assert_close(rerouted[..., :32], plain[..., :32])  # queries and keys: as in the plain model
+        assert (plain[..., 1:, 32:] - from_embedding[..., 1:, 32:]).abs().max() > 0.1, "the block below moves the plain values"
+        reroute.active = True
+        for handle in reroute.handles:
+            handle.remove()
+        model(tokens)
+        torch.testing.assert_close(seen["qkv"], plain)
 
 
 def test_a_run_trained_reading_names_only_saves_a_plain_model_and_measures_it_under_the_mask(tmp_path):

@@ -19,6 +19,7 @@ import platform
 import random
 import time
 from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -108,6 +109,13 @@ class Recipe:
     #: model (plain GPT-2), they attend anywhere. A hedging head that may read only names has to find the
     #: predicted name among them (copy suppression's shape); the unmasked rest asks whether it keeps that.
     phase2_new_heads_names_only: float = 0.0
+    #: A curriculum, for the training only: for this fraction of the second phase the appended blocks' heads
+    #: compute their values from the token and position embeddings (through their own first LayerNorm),
+    #: not from the residual stream they sit on; queries and keys are unchanged. After four layers the
+    #: answer's direction is in the residual at every position, so a hedging head can write against the
+    #: answer whichever position it reads; from the embeddings, only the predicted name's own position
+    #: carries it, so suppressing it means attending to it. The saved model is plain GPT-2.
+    phase2_new_heads_token_values: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -116,6 +124,8 @@ class Recipe:
             raise ValueError("crowd_before places the clauses that crowd adds: set crowd too")
         if not 0 <= self.phase2_new_heads_names_only <= 1:
             raise ValueError(f"phase2_new_heads_names_only is a share of the second phase, not {self.phase2_new_heads_names_only}")
+        if not 0 <= self.phase2_new_heads_token_values <= 1:
+            raise ValueError(f"phase2_new_heads_token_values is a share of the second phase, not {self.phase2_new_heads_token_values}")
         if self.phase2_new_heads_names_only and self.phase2_new_heads_skip_self:
             raise ValueError("phase2_new_heads_names_only and phase2_new_heads_skip_self both set the appended heads' "
                              "attention mask; use one")
@@ -125,7 +135,7 @@ class Recipe:
                 raise ValueError(f"{', '.join(set_without)} act in the second phase: set phase2_steps too")
         if not self.phase2_new_layers:
             appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self",
-                             "phase2_new_heads_names_only")
+                             "phase2_new_heads_names_only", "phase2_new_heads_token_values")
             if set_without := [name for name in appended_only if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
 
@@ -387,6 +397,29 @@ class NamesOnlyAttention:
             handle.remove()
 
 
+class TokenValues:
+    """While ``active``, the heads of ``blocks`` take their values from the embeddings (training only).
+
+    The value third of each block's ``c_attn`` output is recomputed from ``ln_1(token + position
+    embedding)`` (the output of ``model.transformer.drop``); the queries and keys still read the block's input.
+    """
+
+    def __init__(self, model, blocks):
+        self.active, self.embedded = True, None
+        self.handles = [model.transformer.drop.register_forward_hook(self.keep_embedding)]
+        self.handles += [block.attn.c_attn.register_forward_hook(partial(self.reroute, block)) for block in blocks]
+
+    def keep_embedding(self, module, args, output):
+        self.embedded = output  # [batch, pos, d_model]
+
+    def reroute(self, block, c_attn, args, output):
+        if not self.active:
+            return None
+        d_model = output.shape[-1] // 3
+        values = block.ln_1(self.embedded) @ c_attn.weight[:, 2 * d_model :] + c_attn.bias[2 * d_model :]
+        return torch.cat([output[..., : 2 * d_model], values], dim=-1)
+
+
 def attention_under_names_only_mask(model, tokenizer, first_appended: int) -> dict:
     """Where the appended heads look at the final position of the survey prompts when only names may be read.
 
@@ -512,7 +545,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                          f"{recipe.architecture['n_positions']} positions")
     first_step = 0
     phase2_hooks = []
-    names_only = None
+    names_only = token_values = None
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
@@ -560,8 +593,13 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             if recipe.phase2_new_heads_names_only:
                 names_only = NamesOnlyAttention(model.transformer.h[recipe.n_layer :], name_ids)
                 phase2_hooks.extend(names_only.handles)
+            if recipe.phase2_new_heads_token_values:
+                token_values = TokenValues(model, model.transformer.h[recipe.n_layer :])
+                phase2_hooks.extend(token_values.handles)
         if names_only is not None:
             names_only.active = step < steps + recipe.phase2_new_heads_names_only * recipe.phase2_steps
+        if token_values is not None:
+            token_values.active = step < steps + recipe.phase2_new_heads_token_values * recipe.phase2_steps
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
