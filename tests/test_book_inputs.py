@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,7 @@ spec.loader.exec_module(book_inputs)
 def checkout(tmp_path, monkeypatch):
     """A git checkout with a chapter, a test, an ignored file and a built book whose digest is recorded."""
     files = {"book/01_intro.md": "# Intro\n", "src/pkg.py": "X = 1\n", "tests/test_x.py": "def test(): pass\n",
-             ".gitignore": "book/_build/\nscratch/\n", "book/_build/html/index.html": "<html></html>"}
+             ".gitignore": "book/_build/\nscratch/\ntools/site-assets/node_modules/\n", "book/_build/html/index.html": "<html></html>"}
     for relative, text in files.items():
         (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / relative).write_text(text)
@@ -26,7 +27,7 @@ def checkout(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     digest_file = tmp_path / "book" / "_build" / ".inputs-digest"
-    digest_file.write_text(book_inputs.inputs_digest(tmp_path) + "\n")
+    digest_file.write_text(f"{book_inputs.inputs_digest(tmp_path)}\n{book_inputs.index_stamp(tmp_path)}\n")
     return tmp_path, digest_file
 
 
@@ -50,7 +51,8 @@ def test_tests_and_ignored_files_do_not_make_the_book_stale(checkout):
 
 
 @pytest.mark.parametrize("change", ["edit a chapter", "edit the package", "add an untracked file", "delete a tracked file",
-                                    "install the site assets", "set the repository URL"])
+                                    "install the site assets", "update the site assets", "set the repository URL",
+                                    "install a package", "build by hand"])
 def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change, monkeypatch):
     root, _ = checkout
     if change == "edit a chapter":
@@ -61,6 +63,18 @@ def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change, mo
         (root / "book" / "02_new.md").write_text("# New\n")
     elif change == "delete a tracked file":
         (root / "src" / "pkg.py").unlink()
+    elif change == "update the site assets":
+        (root / book_inputs.SITE_ASSET).parent.mkdir(parents=True)
+        (root / book_inputs.SITE_ASSET).write_text("plotly 1")
+        _, digest_file = checkout
+        digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.index_stamp(root)}\n")
+        assert fresh(checkout)
+        (root / book_inputs.SITE_ASSET).write_text("plotly 2")
+    elif change == "install a package":
+        monkeypatch.setattr(book_inputs, "environment_description", lambda: "3.11\nnew-package==1.0")
+    elif change == "build by hand":
+        index = root / "book" / "_build" / "html" / "index.html"
+        os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 10**9))
     elif change == "set the repository URL":
         monkeypatch.setenv("COURSE_REPOSITORY_URL", "https://github.com/someone/course")
     else:
@@ -74,6 +88,8 @@ def test_no_digest_no_book_or_no_git_means_rebuild(checkout, tmp_path_factory):
     (root / "book" / "_build" / "html" / "index.html").unlink()
     assert book_inputs.is_up_to_date(root, digest_file) == (False, "no built book")
     (root / "book" / "_build" / "html" / "index.html").write_text("<html></html>")
+    assert book_inputs.is_up_to_date(root, digest_file)[1].startswith("the book was built again")
+    digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.index_stamp(root)}\n")
     assert fresh(checkout)
     digest_file.unlink()
     assert not fresh(checkout)

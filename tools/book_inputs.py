@@ -2,8 +2,10 @@
 
 ``make book`` always builds (every chapter executed) and then records a digest of everything the build
 could read: every file git knows of or would add (tracked or untracked, not ignored), except the tests
-and the CI workflows, plus whether the npm front-end assets are installed (they change what the pages
-serve) and the environment variables the build reads. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
+and the CI workflows, plus the npm front-end bundle if installed (it changes what the pages serve), the
+environment variables the build reads, and the Python and package versions of the environment running
+it. It also records the built ``index.html``'s modification time, so that a build run by hand since
+(``jupyter-book build`` directly) makes the recorded digest void. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
 as it is, so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it
 builds the book again.
 
@@ -15,6 +17,7 @@ builds the book again.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
 import subprocess
 import sys
@@ -53,10 +56,23 @@ def inputs_digest(root: Path = ROOT) -> str:
         path = root / relative
         digest.update(relative.encode() + b"\0")
         digest.update(hashlib.sha256(path.read_bytes()).digest() if path.is_file() else b"(missing)")
-    digest.update(b"site asset installed: " + str((root / SITE_ASSET).is_file()).encode())
+    bundle = root / SITE_ASSET
+    digest.update(b"site asset: " + (hashlib.sha256(bundle.read_bytes()).digest() if bundle.is_file() else b"none"))
     for name in ENVIRONMENT:
         digest.update(f"\0{name}={os.environ.get(name, '')}".encode())
+    digest.update(environment_description().encode())
     return digest.hexdigest()
+
+
+def environment_description() -> str:
+    """The interpreter and every installed distribution with its version (what ``pip freeze`` would show)."""
+    installed = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    return "\n".join([sys.version, *installed])
+
+
+def index_stamp(root: Path = ROOT) -> str:
+    """The built index.html's modification time: any later build rewrites it."""
+    return str((root / "book" / "_build" / "html" / "index.html").stat().st_mtime_ns)
 
 
 def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, str]:
@@ -69,8 +85,11 @@ def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, 
         current = inputs_digest(root)
     except NoCheckout as error:
         return False, str(error)
-    if digest_file.read_text().strip() != current:
-        return False, "files changed since the last make book"
+    recorded = digest_file.read_text().split()
+    if recorded[:1] != [current]:
+        return False, "files or the environment changed since the last make book"
+    if recorded[1:] != [index_stamp(root)]:
+        return False, "the book was built again since make book, by other means"
     return True, "built by make book from the files as they are now"
 
 
@@ -87,6 +106,7 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "commit":
         if PENDING.is_file():
+            PENDING.write_text(PENDING.read_text().strip() + "\n" + index_stamp() + "\n")
             PENDING.replace(DIGEST)
         return 0
     if command == "check":
