@@ -52,3 +52,34 @@ def test_runs_trained_reading_names_only_get_a_line_with_their_attention_under_t
     assert ("- 01_masked: on average the appended heads give IO 0.35, S1 0.15, S2 0.30 and the first token 0.20; "
             "in no head do the attention to IO and to S1 differ by more than 0.40 (L4H0), and the most any head gives IO "
             "is 0.50.") in search_log([path])
+
+
+def test_runs_trained_with_values_from_the_embeddings_get_a_line_on_their_appended_heads(tmp_path):
+    import json
+
+    run = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
+    run["recipe"].update(phase2_steps=10, phase2_new_layers=1, phase2_new_heads_token_values=0.8)
+    head = run["head_survey"]["heads"][0]
+    run["head_survey"]["heads"] += [
+        {**head, "head": "L4H0", "direct_logit_attribution": -0.5, "attention_to_io": 0.4, "attention_to_s1": 0.1,
+         "attention_to_s2": 0.1, "attention_to_end": 0.2},
+        {**head, "head": "L4H1", "direct_logit_attribution": 0.1, "attention_to_io": 0.0, "attention_to_s1": 0.3,
+         "attention_to_s2": 0.1, "attention_to_end": 0.4},
+    ]
+    run["appended_heads_under_token_values"] = {
+        "clean_logit_diff": 2.5,
+        "heads": [{**row, "direct_logit_attribution": dla} for row, dla in zip(run["head_survey"]["heads"][-2:], (-1.5, -0.25))],
+    }
+    path = tmp_path / "01_rerouted.json"
+    path.write_text(json.dumps(run))
+    log = search_log([path])
+    assert "learned with values from the embeddings" in log
+    assert ("- 01_rerouted: the appended heads' direct logit attributions run from -0.50 (L4H0) to +0.10; at most 0.40 "
+            "of a head's attention goes to IO, and on average 0.20 to IO, 0.30 to S1 and S2, 0.30 to the final position "
+            "itself and 0.20 to the other words") in log
+    assert (f"With values from the embeddings, the logit difference is 2.50 (plain: "
+            f"{run['head_survey']['clean_logit_diff']:.2f}) and the appended heads' direct logit attributions run from "
+            "-1.50 to -0.25.") in log
+    plain = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
+    path.write_text(json.dumps(plain))
+    assert "learned with values from the embeddings" not in search_log([path])

@@ -377,6 +377,27 @@ def test_a_run_trained_reading_names_only_saves_a_plain_model_and_measures_it_un
     assert again["attention_under_names_only_mask"] == under_mask and again["head_survey"] == trained["head_survey"]
 
 
+def test_a_run_trained_with_values_from_the_embeddings_is_also_surveyed_with_them(tmp_path):
+    """The saved model is plain GPT-2; training_info adds the appended heads surveyed with the reroute put back:
+    the same attention, other writes; ``resurvey`` repeats both."""
+    from attribution_course.train import resurvey
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=2, batch_size=4, phase2_steps=6, phase2_lr=0.03,
+                    phase2_new_layers=1, phase2_train_new_only=1, phase2_new_heads_token_values=1.0, hedge_new=0.5)
+    trained = train(tmp_path, recipe)
+    rerouted = trained["appended_heads_under_token_values"]
+    plain = {row["head"]: row for row in trained["head_survey"]["heads"]}
+    assert [row["head"] for row in rerouted["heads"]] == ["L1H0", "L1H1"], "the appended block's heads only"
+    for row in rerouted["heads"]:
+        for key in ("attention_to_io", "attention_to_s1", "attention_to_s2", "attention_to_end"):
+            assert abs(row[key] - plain[row["head"]][key]) < 1e-3, (key, row, plain[row["head"]])
+    assert any(row["direct_logit_attribution"] != plain[row["head"]]["direct_logit_attribution"] for row in rerouted["heads"])
+    assert rerouted["clean_logit_diff"] != trained["head_survey"]["clean_logit_diff"]
+    again = resurvey(tmp_path)
+    assert again["appended_heads_under_token_values"] == rerouted and again["head_survey"] == trained["head_survey"]
+    assert "attention_under_names_only_mask" not in trained
+
+
 def test_the_command_line_trains_the_shipped_model_or_a_variant_with_overrides():
     from attribution_course.model import HEDGING_VARIANT_DIR, SHIPPED_MODEL_DIR
     from attribution_course.train import HEDGING_VARIANT_RECIPE, parse_arguments

@@ -203,6 +203,22 @@ def search_log(paths: list[Path]) -> str:
         "position that holds IO or S1 in one sentence holds the third or the distractor's name in another. Their",
         "circuit is again the shipped model's.",
         "",
+        "The `v` runs take one more step from the `p` runs' diagnosis: after four layers the answer's direction is",
+        "in the residual stream at every position, so a head that hedges can write against it whatever it reads.",
+        "For the first part of the second phase (`phase2_new_heads_token_values`: all of it in `v1` and `v3`, 80% in",
+        "`v2` and `v4`) the appended heads take their values from the token and position embeddings instead, so",
+        "that only IO's own position carries IO, and suppressing it means attending to it. Queries and keys are",
+        "unchanged, and the saved model is plain GPT-2. `v1` and `v2` otherwise repeat `p3`. `v3` and `v4` continue",
+        "20% of the IOI sentences with the subject and 30% with a new name, so that lowering the subject's logit",
+        "along with IO's no longer comes for free. With the reroute put back, the appended heads do write against",
+        "the answer (the lines below the table), and directly: their removals change the logit difference by about",
+        "as much as their direct logit attributions say. Yet on average they give S1 and S2 together 1.6 to 3 times",
+        "the attention they give IO, and most of it to the other words. Those words' values carry no name, so the",
+        "write against the answer must come from the names' positions, which they read mostly at the subject: a",
+        "head that raises S serves hedging as well as one that lowers IO, and finding S needs no content match.",
+        "This log does not separate the two. No head of any `v` run attends to IO more than to S; `v4` no longer",
+        "solves IOI (90.3%).",
+        "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
         "table gives the largest margin any head of any run reaches. Chapter 2 (\"Where the IO name comes from\")",
@@ -269,6 +285,7 @@ def search_log(paths: list[Path]) -> str:
     ]
     lines += masked_self_summary(runs)
     lines += names_only_summary(runs)
+    lines += token_values_summary(runs)
     return "\n".join(lines) + "\n"
 
 
@@ -299,17 +316,39 @@ def masked_self_summary(runs: dict[str, dict]) -> list[str]:
     if not masked:
         return []
     lines = ["", "In the runs whose appended heads may not attend to their own position:", ""]
-    for name, info in masked.items():
-        heads = appended_heads(info)
-        writer = min(heads, key=lambda row: row["direct_logit_attribution"])
+    return lines + [appended_heads_line(name, info) for name, info in masked.items()]
+
+
+def appended_heads_line(name: str, info: dict) -> str:
+    """One run's appended heads: how hard they write against the answer, and where they look (from the survey)."""
+    heads = appended_heads(info)
+    writer = min(heads, key=lambda row: row["direct_logit_attribution"])
+    return (
+        f"- {name}: the appended heads' direct logit attributions run from "
+        f"{writer['direct_logit_attribution']:+.2f} ({writer['head']}) to "
+        f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; at most "
+        f"{max(row['attention_to_io'] for row in heads):.2f} of a head's attention goes to IO, and on average "
+        f"{average(heads, lambda row: row['attention_to_io']):.2f} to IO, {average(heads, attention_to_s):.2f} to "
+        f"S1 and S2, {average(heads, lambda row: row['attention_to_end']):.2f} to the final position itself and "
+        f"{average(heads, attention_elsewhere):.2f} to the other words (between and after the names, and the first token)."
+    )
+
+
+def token_values_summary(runs: dict[str, dict]) -> list[str]:
+    """Where the appended heads look in each run whose heads learned with values from the embeddings."""
+    rerouted = {name: info for name, info in runs.items() if info["recipe"].get("phase2_new_heads_token_values")}
+    if not rerouted:
+        return []
+    lines = ["", "In the runs whose appended heads learned with values from the embeddings (the attention is the same "
+             "with or without that reroute; the first numbers are the saved, plain model's, the last with the reroute "
+             "put back):", ""]
+    for name, info in rerouted.items():
+        under = info["appended_heads_under_token_values"]
+        dla = [row["direct_logit_attribution"] for row in under["heads"]]
         lines.append(
-            f"- {name}: the appended heads' direct logit attributions run from "
-            f"{writer['direct_logit_attribution']:+.2f} ({writer['head']}) to "
-            f"{max(row['direct_logit_attribution'] for row in heads):+.2f}; at most "
-            f"{max(row['attention_to_io'] for row in heads):.2f} of a head's attention goes to IO, and on average "
-            f"{average(heads, lambda row: row['attention_to_io']):.2f} to IO, {average(heads, attention_to_s):.2f} to "
-            f"S1 and S2 and {average(heads, attention_elsewhere):.2f} to the other words (between and after the names, and the "
-            "first token)."
+            f"{appended_heads_line(name, info)} With values from the embeddings, the logit difference is "
+            f"{under['clean_logit_diff']:.2f} (plain: {info['head_survey']['clean_logit_diff']:.2f}) and the appended "
+            f"heads' direct logit attributions run from {min(dla):+.2f} to {max(dla):+.2f}."
         )
     return lines
 

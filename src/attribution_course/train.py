@@ -113,8 +113,9 @@ class Recipe:
     #: compute their values from the token and position embeddings (through their own first LayerNorm),
     #: not from the residual stream they sit on; queries and keys are unchanged. After four layers the
     #: answer's direction is in the residual at every position, so a hedging head can write against the
-    #: answer whichever position it reads; from the embeddings, only the predicted name's own position
-    #: carries it, so suppressing it means attending to it. The saved model is plain GPT-2.
+    #: answer whichever position it reads; from the embeddings, only the names' own positions carry them, so
+    #: suppressing IO means attending to it (raising S, read at the subject's positions, is open too: runs
+    #: v1-v4 of the search log). The saved model is plain GPT-2.
     phase2_new_heads_token_values: float = 0.0
     seed: int = 0
 
@@ -641,9 +642,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         "machine": platform.machine(),
         "evaluation": results,
         "head_survey": heads,
+        **measurements_in_training_setup(model, tokenizer, recipe),
     }
-    if recipe.phase2_new_heads_names_only:
-        info["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
     write_info_and_card(out_dir, info)
     for path in out_dir.iterdir():
         # save_pretrained writes the weights readable by their owner only; the grader's sandbox runs
@@ -675,10 +675,33 @@ def resurvey(out_dir: Path) -> dict:
     tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
     info["evaluation"] = evaluate(model, tokenizer)
     info["head_survey"] = survey(model, tokenizer)
-    if recipe.phase2_new_heads_names_only:
-        info["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
+    info.update(measurements_in_training_setup(model, tokenizer, recipe))
     write_info_and_card(out_dir, info)
     return info
+
+
+def measurements_in_training_setup(model, tokenizer, recipe: Recipe) -> dict:
+    """For runs whose appended heads learned under a training-only change: the saved (plain) model measured
+    with that change put back, under its own key of ``training_info.json`` (nothing for other runs)."""
+    measured = {}
+    if recipe.phase2_new_heads_names_only:
+        measured["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
+    if recipe.phase2_new_heads_token_values:
+        measured["appended_heads_under_token_values"] = appended_heads_under_token_values(model, tokenizer, recipe.n_layer)
+    return measured
+
+
+def appended_heads_under_token_values(model, tokenizer, first_appended: int) -> dict:
+    """The survey with ``phase2_new_heads_token_values``'s reroute put back: the logit difference, and the
+    appended heads' rows (attention as without it; what they write and are worth, with values from the embeddings)."""
+    reroute = TokenValues(model, model.transformer.h[first_appended:])
+    try:
+        rerouted = survey(model, tokenizer)
+    finally:
+        for handle in reroute.handles:
+            handle.remove()
+    appended = [row for row in rerouted["heads"] if int(row["head"][1:].split("H")[0]) >= first_appended]
+    return {"clean_logit_diff": rerouted["clean_logit_diff"], "heads": appended}
 
 
 #: Held-out prompts for the per-head survey of the model card (and of tests/test_shipped_model.py).
