@@ -27,7 +27,7 @@ def checkout(tmp_path, monkeypatch):
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
     digest_file = tmp_path / "book" / "_build" / ".inputs-digest"
-    digest_file.write_text(f"{book_inputs.inputs_digest(tmp_path)}\n{book_inputs.index_stamp(tmp_path)}\n")
+    digest_file.write_text(f"{book_inputs.inputs_digest(tmp_path)}\n{book_inputs.build_stamp(tmp_path)}\n")
     return tmp_path, digest_file
 
 
@@ -38,7 +38,28 @@ def fresh(checkout) -> bool:
 
 def test_an_unchanged_checkout_is_up_to_date(checkout):
     assert fresh(checkout)
-    assert "book/_build/.inputs-digest.pending" not in book_inputs.input_files(checkout[0])
+
+
+def test_the_repository_ignores_the_built_book():
+    """The digest and the HTML live in book/_build, which must not count as an input of the build."""
+    assert not [path for path in book_inputs.input_files() if path.startswith("book/_build/")]
+
+
+def test_the_commands_make_book_and_make_test_run(checkout, capsys):
+    """write-pending before the build, commit after it, check before the tests; a failed build leaves no digest."""
+    root, digest_file = checkout
+    digest_file.unlink()
+    assert book_inputs.main(["write-pending"], root) == 0 and not digest_file.exists()
+    assert book_inputs.main(["check"], root) == 1
+    assert book_inputs.main(["commit"], root) == 0 and digest_file.exists()
+    assert book_inputs.main(["check"], root) == 0
+    assert "up to date" in capsys.readouterr().out
+    (root / "book" / "01_intro.md").write_text("# Intro, edited\n")
+    assert book_inputs.main(["check"], root) == 1
+    assert "rebuilding (files or the environment changed" in capsys.readouterr().out
+    book_inputs.main(["write-pending"], root)  # the build starts ... and fails: no commit
+    assert not digest_file.exists() and book_inputs.main(["check"], root) == 1
+    assert book_inputs.main(["nonsense"], root) == 2
 
 
 def test_tests_and_ignored_files_do_not_make_the_book_stale(checkout):
@@ -67,14 +88,15 @@ def test_a_change_the_build_could_read_makes_the_book_stale(checkout, change, mo
         (root / book_inputs.SITE_ASSET).parent.mkdir(parents=True)
         (root / book_inputs.SITE_ASSET).write_text("plotly 1")
         _, digest_file = checkout
-        digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.index_stamp(root)}\n")
+        digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.build_stamp(root)}\n")
         assert fresh(checkout)
         (root / book_inputs.SITE_ASSET).write_text("plotly 2")
     elif change == "install a package":
         monkeypatch.setattr(book_inputs, "environment_description", lambda: "3.11\nnew-package==1.0")
-    elif change == "build by hand":
-        index = root / "book" / "_build" / "html" / "index.html"
-        os.utime(index, ns=(index.stat().st_atime_ns, index.stat().st_mtime_ns + 10**9))
+    elif change == "build by hand":  # rewrites one page, not the index
+        page = root / "book" / "_build" / "html" / "03_chapter.html"
+        page.write_text("<html>rebuilt</html>")
+        os.utime(page, ns=(page.stat().st_atime_ns, page.stat().st_mtime_ns + 10**9))
     elif change == "set the repository URL":
         monkeypatch.setenv("COURSE_REPOSITORY_URL", "https://github.com/someone/course")
     else:
@@ -89,7 +111,7 @@ def test_no_digest_no_book_or_no_git_means_rebuild(checkout, tmp_path_factory):
     assert book_inputs.is_up_to_date(root, digest_file) == (False, "no built book")
     (root / "book" / "_build" / "html" / "index.html").write_text("<html></html>")
     assert book_inputs.is_up_to_date(root, digest_file)[1].startswith("the book was built again")
-    digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.index_stamp(root)}\n")
+    digest_file.write_text(f"{book_inputs.inputs_digest(root)}\n{book_inputs.build_stamp(root)}\n")
     assert fresh(checkout)
     digest_file.unlink()
     assert not fresh(checkout)

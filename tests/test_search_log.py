@@ -66,9 +66,11 @@ def test_runs_trained_with_values_from_the_embeddings_get_a_line_on_their_append
         {**head, "head": "L4H1", "direct_logit_attribution": 0.1, "attention_to_io": 0.0, "attention_to_s1": 0.3,
          "attention_to_s2": 0.1, "attention_to_end": 0.4},
     ]
+    split = {"io": -0.5, "s1": 0.25, "s2": 0.0, "end": 0.0, "other": -0.5}
     run["appended_heads_under_token_values"] = {
         "clean_logit_diff": 2.5,
         "heads": [{**row, "direct_logit_attribution": dla} for row, dla in zip(run["head_survey"]["heads"][-2:], (-1.5, -0.25))],
+        "direct_logit_attribution_by_source": {"plain": {"L4H0": split}, "rerouted": {"L4H0": split, "L4H1": split}},
     }
     path = tmp_path / "01_rerouted.json"
     path.write_text(json.dumps(run))
@@ -80,6 +82,9 @@ def test_runs_trained_with_values_from_the_embeddings_get_a_line_on_their_append
     assert (f"With values from the embeddings, the logit difference is 2.50 (plain: "
             f"{run['head_survey']['clean_logit_diff']:.2f}) and the appended heads' direct logit attributions run from "
             "-1.50 to -0.25.") in log
+    assert ("split by the position read, that write comes from IO -1.00, S1 +0.50, S2 +0.00, the final position +0.00 "
+            "and the other words -1.00 (plain: IO -0.50, S1 +0.25, S2 +0.00, the final position +0.00 and the other "
+            "words -0.50).") in log
     plain = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
     path.write_text(json.dumps(plain))
     assert "learned with values from the embeddings" not in search_log([path])

@@ -320,8 +320,8 @@ def test_the_names_only_mask_lets_heads_read_names_and_the_first_token_only():
 
 
 def test_token_values_give_appended_heads_values_from_the_embeddings_only():
-    """With the reroute, an appended head's output at a position is a mix of its values computed from the
-    embeddings alone: changing what the block below writes changes its attention, not its values."""
+    """With the reroute, the appended block's values are computed from the embeddings alone (not from what the
+    block below wrote), its queries and keys are the plain model's, and inactive or removed it changes nothing."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from attribution_course.train import TokenValues
@@ -393,6 +393,14 @@ def test_a_run_trained_with_values_from_the_embeddings_is_also_surveyed_with_the
             assert abs(row[key] - plain[row["head"]][key]) < 1e-3, (key, row, plain[row["head"]])
     assert any(row["direct_logit_attribution"] != plain[row["head"]]["direct_logit_attribution"] for row in rerouted["heads"])
     assert rerouted["clean_logit_diff"] != trained["head_survey"]["clean_logit_diff"]
+    # The write split by source adds up to the head's direct logit attribution, plain and rerouted.
+    by_source = rerouted["direct_logit_attribution_by_source"]
+    for survey_rows, split in ((plain, by_source["plain"]), ({row["head"]: row for row in rerouted["heads"]}, by_source["rerouted"])):
+        assert sorted(split) == ["L1H0", "L1H1"]
+        for head, parts in split.items():
+            assert sorted(parts) == ["end", "io", "other", "s1", "s2"]
+            assert abs(sum(parts.values()) - survey_rows[head]["direct_logit_attribution"]) < 2e-3, (head, parts)
+    assert by_source["plain"] != by_source["rerouted"]
     again = resurvey(tmp_path)
     assert again["appended_heads_under_token_values"] == rerouted and again["head_survey"] == trained["head_survey"]
     assert "attention_under_names_only_mask" not in trained

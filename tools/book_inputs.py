@@ -4,8 +4,8 @@
 could read: every file git knows of or would add (tracked or untracked, not ignored), except the tests
 and the CI workflows, plus the npm front-end bundle if installed (it changes what the pages serve), the
 environment variables the build reads, and the Python and package versions of the environment running
-it. It also records the built ``index.html``'s modification time, so that a build run by hand since
-(``jupyter-book build`` directly) makes the recorded digest void. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
+it. It also records the newest modification time in book/_build/html, so that a build run by hand since
+(``jupyter-book build`` directly, which may rewrite only some pages) makes the recorded digest void. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
 as it is, so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it
 builds the book again.
 
@@ -70,9 +70,10 @@ def environment_description() -> str:
     return "\n".join([sys.version, *installed])
 
 
-def index_stamp(root: Path = ROOT) -> str:
-    """The built index.html's modification time: any later build rewrites it."""
-    return str((root / "book" / "_build" / "html" / "index.html").stat().st_mtime_ns)
+def build_stamp(root: Path = ROOT) -> str:
+    """The newest modification time of any file of the built HTML: a later build rewrites at least one page."""
+    html = root / "book" / "_build" / "html"
+    return str(max(path.stat().st_mtime_ns for path in html.rglob("*") if path.is_file()))
 
 
 def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, str]:
@@ -88,29 +89,31 @@ def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, 
     recorded = digest_file.read_text().split()
     if recorded[:1] != [current]:
         return False, "files or the environment changed since the last make book"
-    if recorded[1:] != [index_stamp(root)]:
+    if recorded[1:] != [build_stamp(root)]:
         return False, "the book was built again since make book, by other means"
     return True, "built by make book from the files as they are now"
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], root: Path = ROOT) -> int:
     command = argv[0] if argv else ""
+    digest_file = root / DIGEST.relative_to(ROOT)
+    pending = root / PENDING.relative_to(ROOT)
     if command == "write-pending":
-        DIGEST.unlink(missing_ok=True)  # a build that fails leaves no digest behind
-        PENDING.parent.mkdir(parents=True, exist_ok=True)
+        digest_file.unlink(missing_ok=True)  # a build that fails leaves no digest behind
+        pending.parent.mkdir(parents=True, exist_ok=True)
         try:
-            PENDING.write_text(inputs_digest() + "\n")
+            pending.write_text(inputs_digest(root) + "\n")
         except NoCheckout as error:
-            PENDING.unlink(missing_ok=True)
+            pending.unlink(missing_ok=True)
             print(f"book_inputs: {error}; make test will always rebuild the book", file=sys.stderr)
         return 0
     if command == "commit":
-        if PENDING.is_file():
-            PENDING.write_text(PENDING.read_text().strip() + "\n" + index_stamp() + "\n")
-            PENDING.replace(DIGEST)
+        if pending.is_file():
+            pending.write_text(pending.read_text().strip() + "\n" + build_stamp(root) + "\n")
+            pending.replace(digest_file)
         return 0
     if command == "check":
-        fresh, reason = is_up_to_date()
+        fresh, reason = is_up_to_date(root, digest_file)
         print(f"book/_build/html: {'up to date' if fresh else 'rebuilding'} ({reason})")
         return 0 if fresh else 1
     print("usage: python tools/book_inputs.py write-pending | commit | check", file=sys.stderr)

@@ -106,6 +106,58 @@ def survey_heads(hf_model, prompts: IOIPrompts) -> HeadSurvey:
         model.set_attn_implementation(previous_attention)
 
 
+def _frozen_scale_and_answer_direction(model, final_ln_input: torch.Tensor, prompts: IOIPrompts):
+    """The final LayerNorm's scale at the final position, ``[batch, 1]``, and the direction a write (centred,
+    divided by that scale) is read along for ``logit(IO) - logit(S)``, ``[batch, d_model]``."""
+    resid = final_ln_input[:, prompts.end_position]  # [batch, d_model]
+    scale = (resid.var(dim=-1, unbiased=False, keepdim=True) + model.transformer.ln_f.eps).sqrt()
+    unembed = model.lm_head.weight  # [vocab, d_model]
+    return scale, (unembed[prompts.io_token] - unembed[prompts.s_token]) * model.transformer.ln_f.weight
+
+
+def direct_logit_attribution_by_source(model, prompts: IOIPrompts, layer: int) -> dict[str, torch.Tensor]:
+    """Each head of ``layer``: its direct logit attribution, split by the position it reads from.
+
+    At the final position a head writes ``sum_k A_k v_k W_O``; the term of source ``k`` is read like the whole
+    write (centred, through the final LayerNorm with its scale frozen, onto ``unembed[IO] - unembed[S]``). Keys
+    ``io``, ``s1``, ``s2``, ``end`` (the final position itself) and ``other`` (every other position), each
+    ``[n_head]`` averaged over prompts; they add up to the head's DLA in :func:`survey_heads`. The values are
+    whatever the block's ``c_attn`` returns, so a forward hook there (a training-time reroute) is honoured.
+    """
+    config = model.config
+    n_head, d_model = config.n_head, config.n_embd
+    d_head = d_model // n_head
+    block = model.transformer.h[layer]
+    tokens, end, rows = prompts.clean_tokens, prompts.end_position, torch.arange(len(prompts))
+    kept = {}
+    handles = [
+        block.attn.c_attn.register_forward_hook(lambda module, args, output: kept.__setitem__("qkv", output)),
+        model.transformer.ln_f.register_forward_pre_hook(lambda module, args: kept.__setitem__("final", args[0])),
+    ]
+    previous_attention = config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            pattern = model(tokens, output_attentions=True).attentions[layer][:, :, end]  # [batch, head, key]
+    finally:
+        model.set_attn_implementation(previous_attention)
+        for handle in handles:
+            handle.remove()
+    values = kept["qkv"][..., 2 * d_model :].unflatten(-1, (n_head, d_head))  # [batch, key, head, d_head]
+    w_out = block.attn.c_proj.weight.detach().unflatten(0, (n_head, d_head))  # [head, d_head, d_model]
+    scale, answer_direction = _frozen_scale_and_answer_direction(model, kept["final"], prompts)
+    with torch.no_grad():
+        written = torch.einsum("bhk,bkhe,hed->bhkd", pattern, values, w_out)  # [batch, head, key, d_model]
+        written = written - written.mean(dim=-1, keepdim=True)
+        by_key = torch.einsum("bhkd,bd->bhk", written, answer_direction) / scale[:, :, None]  # [batch, head, key]
+    io = by_key[rows, :, prompts.io_positions]  # [batch, head]
+    s1 = by_key[rows, :, prompts.s1_positions]
+    s2, at_end = by_key[:, :, prompts.s2_position], by_key[:, :, end]
+    other = by_key.sum(dim=-1) - io - s1 - s2 - at_end
+    return {name: part.mean(dim=0) for name, part in
+            {"io": io, "s1": s1, "s2": s2, "end": at_end, "other": other}.items()}
+
+
 def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
     config = model.config
     n_layer, n_head = config.n_layer, config.n_head
@@ -141,10 +193,7 @@ def _survey(model, prompts: IOIPrompts) -> HeadSurvey:
     attention_to_end = patterns[..., end].mean(dim=0)
 
     # Direct logit attribution: each head's write at the final position through ln_f with its scale frozen.
-    resid = final_ln_input[0][:, end]  # [batch, d_model]
-    scale = (resid.var(dim=-1, unbiased=False, keepdim=True) + model.transformer.ln_f.eps).sqrt()
-    unembed = model.lm_head.weight  # [vocab, d_model]
-    answer_direction = (unembed[prompts.io_token] - unembed[prompts.s_token]) * model.transformer.ln_f.weight
+    scale, answer_direction = _frozen_scale_and_answer_direction(model, final_ln_input[0], prompts)
     dla = torch.zeros(n_layer, n_head)
     estimate = torch.zeros(n_layer, n_head)
     for layer, (block, z) in enumerate(zip(blocks, head_inputs)):

@@ -203,21 +203,18 @@ def search_log(paths: list[Path]) -> str:
         "position that holds IO or S1 in one sentence holds the third or the distractor's name in another. Their",
         "circuit is again the shipped model's.",
         "",
-        "The `v` runs take one more step from the `p` runs' diagnosis: after four layers the answer's direction is",
-        "in the residual stream at every position, so a head that hedges can write against it whatever it reads.",
-        "For the first part of the second phase (`phase2_new_heads_token_values`: all of it in `v1` and `v3`, 80% in",
-        "`v2` and `v4`) the appended heads take their values from the token and position embeddings instead, so",
-        "that only IO's own position carries IO, and suppressing it means attending to it. Queries and keys are",
-        "unchanged, and the saved model is plain GPT-2. `v1` and `v2` otherwise repeat `p3`. `v3` and `v4` continue",
-        "20% of the IOI sentences with the subject and 30% with a new name, so that lowering the subject's logit",
-        "along with IO's no longer comes for free. With the reroute put back, the appended heads do write against",
-        "the answer (the lines below the table), and directly: their removals change the logit difference by about",
-        "as much as their direct logit attributions say. Yet on average they give S1 and S2 together 1.6 to 3 times",
-        "the attention they give IO, and most of it to the other words. Those words' values carry no name, so the",
-        "write against the answer must come from the names' positions, which they read mostly at the subject: a",
-        "head that raises S serves hedging as well as one that lowers IO, and finding S needs no content match.",
-        "This log does not separate the two. No head of any `v` run attends to IO more than to S; `v4` no longer",
-        "solves IOI (90.3%).",
+        "The `v` runs test one explanation of the `o` and `p` runs: after four layers the answer's direction may",
+        "be in the residual stream at every position, so that a head that hedges can write against it whatever it",
+        "reads. For the first part of the second phase (`phase2_new_heads_token_values`: all of it in `v1` and",
+        "`v3`, 80% in `v2` and `v4`) the appended heads take their values from the token and position embeddings",
+        "instead, so that only IO's own position carries IO, and a head that lowers IO has to attend to it. Queries",
+        "and keys are unchanged, and the saved model is plain GPT-2. `v1` and `v2` otherwise repeat `p3`. `v3` and",
+        "`v4` continue 20% of the IOI sentences with the subject (so that their loss rewards raising S directly) and",
+        "30% with a new name. With the reroute put back, the appended heads do write against the answer (the lines",
+        "below the table). Yet on average they give S1 and S2 together 1.7 to 2.6 times the attention they give",
+        "IO, and most of their attention goes to the other words; where their write against the answer comes from,",
+        "position by position, is not measured here. No appended head of any `v` run gives IO more attention than",
+        "S1 and S2 together, and `v4` no longer solves IOI (90.3%).",
         "",
         "*Most IO-selective head* is the head whose final-position attention to IO exceeds its attention to S1",
         "and S2 together by the most. A negative name mover must attend to IO more than to S; the line below the",
@@ -339,18 +336,30 @@ def token_values_summary(runs: dict[str, dict]) -> list[str]:
     rerouted = {name: info for name, info in runs.items() if info["recipe"].get("phase2_new_heads_token_values")}
     if not rerouted:
         return []
-    lines = ["", "In the runs whose appended heads learned with values from the embeddings (the attention is the same "
-             "with or without that reroute; the first numbers are the saved, plain model's, the last with the reroute "
-             "put back):", ""]
+    lines = ["", "In the runs whose appended heads learned with values from the embeddings (with one appended block, as "
+             "here, its attention is the same with or without that reroute; the first numbers are the saved, plain "
+             "model's, the last with the reroute put back; both logit differences are on the survey's 200 prompts):", ""]
     for name, info in rerouted.items():
         under = info["appended_heads_under_token_values"]
         dla = [row["direct_logit_attribution"] for row in under["heads"]]
-        lines.append(
+        line = (
             f"{appended_heads_line(name, info)} With values from the embeddings, the logit difference is "
             f"{under['clean_logit_diff']:.2f} (plain: {info['head_survey']['clean_logit_diff']:.2f}) and the appended "
             f"heads' direct logit attributions run from {min(dla):+.2f} to {max(dla):+.2f}."
         )
+        if "direct_logit_attribution_by_source" in under:
+            by_source = under["direct_logit_attribution_by_source"]
+            line += (f" Added up over the appended heads and split by the position read, that write comes from "
+                     f"{source_split(by_source['rerouted'])} (plain: {source_split(by_source['plain'])}).")
+        lines.append(line)
     return lines
+
+
+def source_split(heads: dict[str, dict[str, float]]) -> str:
+    """Direct logit attributions by source position, summed over heads, in words."""
+    total = {part: sum(parts[part] for parts in heads.values()) for part in ("io", "s1", "s2", "end", "other")}
+    return (f"IO {total['io']:+.2f}, S1 {total['s1']:+.2f}, S2 {total['s2']:+.2f}, the final position "
+            f"{total['end']:+.2f} and the other words {total['other']:+.2f}")
 
 
 def names_only_summary(runs: dict[str, dict]) -> list[str]:

@@ -402,7 +402,9 @@ class TokenValues:
     """While ``active``, the heads of ``blocks`` take their values from the embeddings (training only).
 
     The value third of each block's ``c_attn`` output is recomputed from ``ln_1(token + position
-    embedding)`` (the output of ``model.transformer.drop``); the queries and keys still read the block's input.
+    embedding)`` (the output of ``model.transformer.drop``, so with embedding dropout when training uses it);
+    the queries and keys still read the block's input. With one appended block its attention is the plain
+    model's; a second block's queries and keys would read the first one's rerouted output.
     """
 
     def __init__(self, model, blocks):
@@ -693,15 +695,34 @@ def measurements_in_training_setup(model, tokenizer, recipe: Recipe) -> dict:
 
 def appended_heads_under_token_values(model, tokenizer, first_appended: int) -> dict:
     """The survey with ``phase2_new_heads_token_values``'s reroute put back: the logit difference, and the
-    appended heads' rows (attention as without it; what they write and are worth, with values from the embeddings)."""
+    appended heads' rows (what they write and are worth with values from the embeddings; the attention of the
+    first appended block is as without the reroute)."""
+    plain_by_source = write_by_source(model, tokenizer, first_appended)
     reroute = TokenValues(model, model.transformer.h[first_appended:])
     try:
         rerouted = survey(model, tokenizer)
+        rerouted_by_source = write_by_source(model, tokenizer, first_appended)
     finally:
         for handle in reroute.handles:
             handle.remove()
     appended = [row for row in rerouted["heads"] if int(row["head"][1:].split("H")[0]) >= first_appended]
-    return {"clean_logit_diff": rerouted["clean_logit_diff"], "heads": appended}
+    return {"clean_logit_diff": rerouted["clean_logit_diff"], "heads": appended,
+            "direct_logit_attribution_by_source": {"plain": plain_by_source, "rerouted": rerouted_by_source}}
+
+
+def write_by_source(model, tokenizer, first_layer: int) -> dict:
+    """Per head from ``first_layer`` up: its direct logit attribution on the survey prompts, split by the position
+    it reads from (IO, S1, S2, the final position, the other words; JSON-ready)."""
+    from .head_survey import direct_logit_attribution_by_source
+    from .prompts import make_ioi_prompts
+
+    prompts = make_ioi_prompts(tokenizer, **SURVEY_PROMPTS)
+    result = {}
+    for layer in range(first_layer, model.config.n_layer):
+        parts = direct_logit_attribution_by_source(model, prompts, layer)
+        for head in range(model.config.n_head):
+            result[f"L{layer}H{head}"] = {name: round(part[head].item(), 4) for name, part in parts.items()}
+    return result
 
 
 #: Held-out prompts for the per-head survey of the model card (and of tests/test_shipped_model.py).
