@@ -114,8 +114,8 @@ class Recipe:
     #: not from the residual stream they sit on; queries and keys are unchanged. After four layers the
     #: answer's direction is in the residual at every position, so a hedging head can write against the
     #: answer whichever position it reads; from the embeddings, only the names' own positions carry them, so
-    #: suppressing IO means attending to it (raising S, read at the subject's positions, is open too: runs
-    #: v1-v4 of the search log). The saved model is plain GPT-2.
+    #: suppressing IO should mean attending to it. (It did not, in runs v1-v4 of the search log: most of the
+    #: heads' write against the answer still came from the other words' fixed vectors.) The saved model is plain GPT-2.
     phase2_new_heads_token_values: float = 0.0
     seed: int = 0
 
