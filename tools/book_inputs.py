@@ -5,9 +5,10 @@ could read: every file git knows of or would add (tracked or untracked, not igno
 and the CI workflows, plus the npm front-end bundle if installed (it changes what the pages serve), the
 environment variables the build reads, and the Python and package versions of the environment running
 it. It also records the newest modification time in book/_build/html, so that a build run by hand since
-(``jupyter-book build`` directly, which may rewrite only some pages) makes the recorded digest void. ``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used
-as it is, so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it
-builds the book again.
+(``jupyter-book build`` directly, which may rewrite only some pages) makes the recorded digest void.
+``make test`` first runs ``check``: when the digest matches, the book from ``make book`` is used as it is,
+so ``make book && make test`` builds once; otherwise (no digest, a file changed, no git) it builds the
+book again.
 
     python tools/book_inputs.py write-pending   # before the build: book/_build/.inputs-digest.pending
     python tools/book_inputs.py commit          # after a build that passed: the pending digest counts
@@ -24,8 +25,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DIGEST = ROOT / "book" / "_build" / ".inputs-digest"
-PENDING = DIGEST.with_name(DIGEST.name + ".pending")
+# Relative to the checkout's root:
+HTML = Path("book/_build/html")
+DIGEST = Path("book/_build/.inputs-digest")
+PENDING = Path("book/_build/.inputs-digest.pending")
 # Not read by the build: a changed test or workflow does not make the built book stale.
 NOT_INPUTS = ("tests/", ".github/")
 # Read by book/_ext/repository_links.py: it decides the pages' repository, Binder and Colab links.
@@ -72,16 +75,16 @@ def environment_description() -> str:
 
 def build_stamp(root: Path = ROOT) -> str:
     """The newest modification time of any file of the built HTML: a later build rewrites at least one page."""
-    html = root / "book" / "_build" / "html"
-    return str(max(path.stat().st_mtime_ns for path in html.rglob("*") if path.is_file()))
+    return str(max(path.stat().st_mtime_ns for path in (root / HTML).rglob("*") if path.is_file()))
 
 
-def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, str]:
+def is_up_to_date(root: Path = ROOT) -> tuple[bool, str]:
     """(up to date, the reason in words)."""
-    if not (root / "book" / "_build" / "html" / "index.html").is_file():
+    digest_file = root / DIGEST
+    if not (root / HTML / "index.html").is_file():
         return False, "no built book"
     if not digest_file.is_file():
-        return False, f"no {digest_file.relative_to(root)} (the last build did not finish, or predates it)"
+        return False, f"no {DIGEST} (the last build did not finish, or predates it)"
     try:
         current = inputs_digest(root)
     except NoCheckout as error:
@@ -96,8 +99,7 @@ def is_up_to_date(root: Path = ROOT, digest_file: Path = DIGEST) -> tuple[bool, 
 
 def main(argv: list[str], root: Path = ROOT) -> int:
     command = argv[0] if argv else ""
-    digest_file = root / DIGEST.relative_to(ROOT)
-    pending = root / PENDING.relative_to(ROOT)
+    digest_file, pending = root / DIGEST, root / PENDING
     if command == "write-pending":
         digest_file.unlink(missing_ok=True)  # a build that fails leaves no digest behind
         pending.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +115,7 @@ def main(argv: list[str], root: Path = ROOT) -> int:
             pending.replace(digest_file)
         return 0
     if command == "check":
-        fresh, reason = is_up_to_date(root, digest_file)
+        fresh, reason = is_up_to_date(root)
         print(f"book/_build/html: {'up to date' if fresh else 'rebuilding'} ({reason})")
         return 0 if fresh else 1
     print("usage: python tools/book_inputs.py write-pending | commit | check", file=sys.stderr)

@@ -27,6 +27,7 @@ centres weights: a second, independent measurement of what the chapters show.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -94,16 +95,21 @@ def _logit_diff(logits: torch.Tensor, prompts: IOIPrompts) -> torch.Tensor:
     return (final[rows, prompts.io_token] - final[rows, prompts.s_token]).mean()
 
 
-def survey_heads(hf_model, prompts: IOIPrompts) -> HeadSurvey:
-    """Measure every head of a ``GPT2LMHeadModel`` on ``prompts`` (see the module doc)."""
-    model = hf_model.eval()
-    # Only the eager attention returns its probabilities (SDPA returns none); restored on return.
+@contextmanager
+def _eager_attention(model):
+    """Only the eager attention returns its probabilities (SDPA returns none); the model's own is restored after."""
     previous_attention = model.config._attn_implementation
     model.set_attn_implementation("eager")
     try:
-        return _survey(model, prompts)
+        yield model
     finally:
         model.set_attn_implementation(previous_attention)
+
+
+def survey_heads(hf_model, prompts: IOIPrompts) -> HeadSurvey:
+    """Measure every head of a ``GPT2LMHeadModel`` on ``prompts`` (see the module doc)."""
+    with _eager_attention(hf_model.eval()) as model:
+        return _survey(model, prompts)
 
 
 def _frozen_scale_and_answer_direction(model, final_ln_input: torch.Tensor, prompts: IOIPrompts):
@@ -134,13 +140,10 @@ def direct_logit_attribution_by_source(model, prompts: IOIPrompts, layer: int) -
         block.attn.c_attn.register_forward_hook(lambda module, args, output: kept.__setitem__("qkv", output)),
         model.transformer.ln_f.register_forward_pre_hook(lambda module, args: kept.__setitem__("final", args[0])),
     ]
-    previous_attention = config._attn_implementation
-    model.set_attn_implementation("eager")
     try:
-        with torch.no_grad():
+        with _eager_attention(model), torch.no_grad():
             pattern = model(tokens, output_attentions=True).attentions[layer][:, :, end]  # [batch, head, key]
     finally:
-        model.set_attn_implementation(previous_attention)
         for handle in handles:
             handle.remove()
     values = kept["qkv"][..., 2 * d_model :].unflatten(-1, (n_head, d_head))  # [batch, key, head, d_head]

@@ -705,7 +705,7 @@ def appended_heads_under_token_values(model, tokenizer, first_appended: int) -> 
     finally:
         for handle in reroute.handles:
             handle.remove()
-    appended = [row for row in rerouted["heads"] if int(row["head"][1:].split("H")[0]) >= first_appended]
+    appended = [row for row in rerouted["heads"] if row["head"] in rerouted_by_source]  # the appended blocks' heads
     return {"clean_logit_diff": rerouted["clean_logit_diff"], "heads": appended,
             "direct_logit_attribution_by_source": {"plain": plain_by_source, "rerouted": rerouted_by_source}}
 
