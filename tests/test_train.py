@@ -93,6 +93,8 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("phase2_detach_final_ln_scale", "int"), ("phase2_new_attention_only", "int"), ("hedge_place", "float"),
     ("phase2_new_heads_skip_self", "int"), ("phase2_new_heads_names_only", "float"),
     ("phase2_new_heads_token_values", "float"), ("crowd", "float"), ("crowd_before", "float"),
+    ("phase2_lower_copied_name", "float"), ("phase2_match_logits", "int"), ("phase2_target_temperature", "float"),
+    ("phase2_name_logit_weight", "float"), ("phase2_new_heads_fade", "int"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -153,6 +155,7 @@ def test_training_only_the_appended_blocks_leaves_the_trained_ones_alone(tmp_pat
     dict(phase2_steps=10, phase2_new_heads_skip_self=1),
     dict(phase2_steps=10, phase2_new_heads_names_only=0.5),
     dict(phase2_steps=10, phase2_new_heads_token_values=0.5),
+    dict(phase2_steps=10, phase2_lower_copied_name=1.0),
 ])
 def test_flags_that_would_do_nothing_are_refused(flags):
     with pytest.raises(ValueError, match="set phase2_"):
@@ -194,6 +197,12 @@ def test_crowded_sentences_put_a_third_name_between_the_clauses_or_before_the_se
     (dict(phase2_new_heads_names_only=1.5), "a share of the second phase"),
     (dict(phase2_new_heads_names_only=0.5, phase2_new_heads_skip_self=1), "use one"),
     (dict(phase2_new_heads_token_values=-0.1), "a share of the second phase"),
+    (dict(phase2_lower_copied_name=1.0), "set phase2_train_new_only too"),  # its targets come from frozen blocks
+    (dict(phase2_lower_copied_name=-1.0, phase2_train_new_only=1), "would raise it"),
+    (dict(phase2_match_logits=1, phase2_train_new_only=1), "set that too"),
+    (dict(phase2_target_temperature=0.0), "must be positive"),
+    (dict(phase2_name_logit_weight=1.0, phase2_train_new_only=1), "set that too"),
+    (dict(phase2_new_heads_fade=1), "set phase2_new_heads_names_only or phase2_new_heads_token_values too"),
 ])
 def test_names_only_mask_settings_that_make_no_sense_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -350,7 +359,10 @@ def test_token_values_give_appended_heads_values_from_the_embeddings_only():
         torch.testing.assert_close(rerouted[..., 32:], from_embedding[..., 32:])  # values: from the embeddings
         torch.testing.assert_close(rerouted[..., :32], plain[..., :32])  # queries and keys: as in the plain model
         assert (plain[..., 1:, 32:] - from_embedding[..., 1:, 32:]).abs().max() > 0.1, "the block below moves the plain values"
-        reroute.active = True
+        reroute.active, reroute.mix = True, 0.25  # fading out: a quarter from the embeddings, the rest as plain
+        model(tokens)
+        torch.testing.assert_close(seen["qkv"][..., 32:], 0.25 * from_embedding[..., 32:] + 0.75 * plain[..., 32:])
+        torch.testing.assert_close(seen["qkv"][..., :32], plain[..., :32])
         for handle in reroute.handles:
             handle.remove()
         model(tokens)
@@ -424,3 +436,100 @@ def test_a_command_line_recipe_that_would_do_nothing_is_an_error(capsys):
     with pytest.raises(SystemExit):
         parse_arguments(["--phase2-new-layers", "1"])
     assert "set phase2_steps too" in capsys.readouterr().err
+
+
+def test_copied_names_are_the_names_the_context_already_holds():
+    """Position t is marked when ``ids[t + 1]`` is a name that occurs at or before t: not a first mention, not a
+    repeated word that is not a name."""
+    from attribution_course.train import copied_name_positions
+
+    names = torch.tensor([5, 7])
+    ids = torch.tensor([[0, 5, 7, 9, 9, 5, 7, 3],
+                        [0, 7, 5, 5, 3, 3, 3, 3]])
+    assert copied_name_positions(ids, names).tolist() == [
+        [False, False, False, False, True, True, False],  # 5 and 7 again; the second 9 is no name
+        [False, False, True, False, False, False, False],  # 5 right after 5
+    ]
+
+
+@pytest.mark.parametrize("match_logits, temperature, name_weight", [(False, 1.0, 0.0), (False, 3.0, 0.0), (True, 1.0, 0.0),
+                                                                  (False, 1.0, 1.0)])
+def test_the_copied_name_loss_is_lowest_where_only_the_copied_name_is_lowered(match_logits, temperature, name_weight):
+    """The frozen prediction with the copied name's logit lowered by exactly ``lower`` beats the frozen prediction
+    itself, the copied name lowered by half as much, and every name lowered together."""
+    from attribution_course.train import copied_name_lowered_loss
+
+    torch.manual_seed(0)
+    names = torch.tensor([5, 7])
+    ids = torch.tensor([[0, 5, 7, 9, 5, 3]])  # position 3 predicts 5, a copied name
+    frozen = torch.randn(1, 5, 12) * 3
+    predicted = torch.ones(1, 5, dtype=torch.bool)
+
+    def loss_with(change: dict) -> float:
+        logits = frozen.clone()
+        for token, amount in change.items():
+            logits[0, 3, token] += amount
+        return copied_name_lowered_loss(logits, frozen, ids, predicted, names, 2.0, match_logits, temperature,
+                                        name_weight).item()
+
+    best = loss_with({5: -2.0})
+    assert best < loss_with({}) and best < loss_with({5: -1.0}) and best < loss_with({5: -2.0, 7: -2.0})
+    assert best == pytest.approx(loss_with({5: -2.0, 9: 0.0}))
+    if match_logits:
+        assert best == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_name_logit_term_charges_for_moving_another_name_as_much_as_for_missing_the_copied_one():
+    """With only the name term (weight 1) on top of cross-entropy, lowering the other name by 1 costs 1/n of the
+    squared miss summed over the copied positions, exactly; cross-entropy alone charges almost nothing for it."""
+    from attribution_course.train import copied_name_lowered_loss
+
+    names = torch.tensor([5, 7])
+    ids = torch.tensor([[0, 5, 7, 9, 5, 3]])
+    frozen = torch.zeros(1, 5, 12)
+    frozen[0, 3, 5], frozen[0, 3, 7] = 10.0, -10.0  # the copied name is sure, the other one nearly impossible
+    predicted = torch.ones(1, 5, dtype=torch.bool)
+    right = frozen.clone()
+    right[0, 3, 5] -= 2.0
+    also_other = right.clone()
+    also_other[0, 3, 7] -= 1.0
+
+    def loss(logits, weight):
+        return copied_name_lowered_loss(logits, frozen, ids, predicted, names, 2.0, name_logit_weight=weight).item()
+
+    assert loss(also_other, 0.0) - loss(right, 0.0) < 1e-6
+    assert loss(also_other, 1.0) - loss(right, 1.0) == pytest.approx(1.0 / 5, rel=1e-4)  # one unit squared, five positions
+
+
+def test_training_constraints_stop_at_their_share_or_fade_over_it():
+    from attribution_course.train import training_constraint_strength
+
+    recipe = Recipe(steps=100, phase2_steps=100, phase2_new_layers=1, phase2_new_heads_names_only=0.5)
+    assert [training_constraint_strength(recipe, step, 0.5) for step in (100, 149, 150, 199)] == [1.0, 1.0, 0.0, 0.0]
+    faded = replace(recipe, phase2_new_heads_fade=1)
+    assert [training_constraint_strength(faded, step, 0.5) for step in (100, 125, 150, 199)] == [1.0, 0.5, 0.0, 0.0]
+    assert training_constraint_strength(faded, 150, 0.0) == 0.0  # no share: never on
+
+
+def test_a_fading_names_only_mask_scales_the_other_words_attention():
+    """At strength 0.5 a non-name earlier word's score is lowered by log 2 (its softmax weight halved before
+    normalising); names and the first position are untouched; later positions stay masked; at 0 there is no mask."""
+    import math
+
+    from attribution_course.train import NamesOnlyAttention
+
+    block = torch.nn.Module()
+    block.attn = torch.nn.Identity()
+    mask = NamesOnlyAttention([block], torch.tensor([5, 7]))
+    mask.ids = torch.tensor([[0, 5, 9, 7, 9]])
+    hidden = torch.zeros(1, 5, 4)
+    mask.strength = 0.5
+    _, kwargs = mask.mask(None, (hidden,), {})
+    bias = kwargs["attention_mask"][0, 0]  # [query, key]
+    assert bias[4].tolist() == pytest.approx([0.0, 0.0, math.log(0.5), 0.0, math.log(0.5)])
+    assert bias[1, 2:].isinf().all() and (bias[1, 2:] < 0).all()
+    mask.strength = 1.0
+    _, kwargs = mask.mask(None, (hidden,), {})
+    assert kwargs["attention_mask"][0, 0, 4, 2].isinf()
+    mask.strength = 0.0
+    assert mask.mask(None, (hidden,), {}) is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import random
 import time
@@ -117,6 +118,32 @@ class Recipe:
     #: suppressing IO should mean attending to it. (It did not, in runs v1-v4 of the search log: most of the
     #: heads' write against the answer still came from the other words' fixed vectors.) The saved model is plain GPT-2.
     phase2_new_heads_token_values: float = 0.0
+    #: Calibration targets for the appended blocks (the trained ones frozen below them). In the second phase the
+    #: loss is the cross-entropy against the frozen model's own prediction at every position (soft labels, so
+    #: the appended blocks have nothing to learn there), except where the next word is a name the context
+    #: already contains: there the target is that prediction with the name's logit lowered by this much and
+    #: every other word's kept, as a model that copies names from context too confidently would be corrected.
+    #: Lowering the other names too, or raising them, or shrinking every logit, misses the target; the appended
+    #: heads have to find the copied name and write against it (copy suppression's job, in IOI a negative name mover's).
+    phase2_lower_copied_name: float = 0.0
+    #: 1: ``phase2_lower_copied_name``'s loss matches logits, not probabilities: the squared difference between the
+    #: model's centred logits and the target's, summed over the vocabulary. Cross-entropy barely weighs a word the
+    #: model already gives almost no probability (in IOI, the subject), so lowering it too costs nothing; here
+    #: every logit costs the same.
+    phase2_match_logits: int = 0
+    #: The temperature of ``phase2_lower_copied_name``'s cross-entropy (both distributions; the loss is scaled by
+    #: its square so that its gradient keeps its size). Above 1 the unlikely words, the subject among them, weigh more.
+    phase2_target_temperature: float = 1.0
+    #: With ``phase2_lower_copied_name``, a second term of the loss where a copied name is next: this weight times the
+    #: squared difference between the model's logits of every name and the target's, summed over the names.
+    #: Cross-entropy lets the subject's logit fall with IO's (it barely weighs a word of tiny probability), and
+    #: matching every word's logit lets no write through (each name vector moves every word's logit a little);
+    #: this makes lowering or raising another name cost as much as missing the copied one, and nothing else.
+    phase2_name_logit_weight: float = 0.0
+    #: 1: the names-only mask and the values from the embeddings fade out linearly over their shares of the second
+    #: phase instead of stopping at once: the other words' attention is scaled by a weight that grows from 0 to 1,
+    #: and the values are a mix, from the embeddings' alone to the residual stream's alone.
+    phase2_new_heads_fade: int = 0
     seed: int = 0
 
     def __post_init__(self):
@@ -134,9 +161,22 @@ class Recipe:
             second_phase = ("phase2_dropout", "phase2_head_dropout", "phase2_new_layers", "phase2_detach_final_ln_scale")
             if set_without := [name for name in second_phase if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} act in the second phase: set phase2_steps too")
+        if self.phase2_lower_copied_name < 0:
+            raise ValueError(f"phase2_lower_copied_name lowers a logit by this much; {self.phase2_lower_copied_name} would raise it")
+        if self.phase2_target_temperature <= 0:
+            raise ValueError(f"phase2_target_temperature must be positive, not {self.phase2_target_temperature}")
+        if self.phase2_name_logit_weight and not self.phase2_lower_copied_name:
+            raise ValueError("phase2_name_logit_weight weighs a term of phase2_lower_copied_name's loss: set that too")
+        if self.phase2_new_heads_fade and not (self.phase2_new_heads_names_only or self.phase2_new_heads_token_values):
+            raise ValueError("phase2_new_heads_fade fades the names-only mask and the values from the embeddings: "
+                             "set phase2_new_heads_names_only or phase2_new_heads_token_values too")
+        if self.phase2_match_logits and not self.phase2_lower_copied_name:
+            raise ValueError("phase2_match_logits sets the loss of phase2_lower_copied_name: set that too")
+        if self.phase2_lower_copied_name and not self.phase2_train_new_only:
+            raise ValueError("phase2_lower_copied_name's targets are the frozen blocks' predictions: set phase2_train_new_only too")
         if not self.phase2_new_layers:
             appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self",
-                             "phase2_new_heads_names_only", "phase2_new_heads_token_values")
+                             "phase2_new_heads_names_only", "phase2_new_heads_token_values", "phase2_lower_copied_name")
             if set_without := [name for name in appended_only if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
 
@@ -378,6 +418,8 @@ class NamesOnlyAttention:
 
     def __init__(self, blocks, name_ids: torch.Tensor):
         self.name_ids, self.ids, self.active = name_ids, None, True
+        #: 1: only names and the first position; between 0 and 1 the other earlier positions' attention is scaled by 1 - strength.
+        self.strength = 1.0
         self.handles = [block.attn.register_forward_pre_hook(self.mask, with_kwargs=True) for block in blocks]
 
     def allowed(self, n: int) -> torch.Tensor:
@@ -387,10 +429,15 @@ class NamesOnlyAttention:
         return torch.ones(n, n, dtype=torch.bool, device=self.ids.device).tril()[None] & is_name[:, None, :]
 
     def mask(self, module, args, kwargs):
-        if not self.active:
+        if not self.active or self.strength == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
-        kwargs["attention_mask"] = additive_attention_mask(self.allowed(hidden.shape[1]), like=hidden)[:, None]
+        n = hidden.shape[1]
+        bias = additive_attention_mask(self.allowed(n), like=hidden)  # [batch, query, key]
+        if self.strength < 1:  # a softmax weight scaled by (1 - strength) is a score raised by log(1 - strength)
+            causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()
+            bias = bias.masked_fill(causal & bias.isinf(), math.log(1 - self.strength))
+        kwargs["attention_mask"] = bias[:, None]
         return args, kwargs
 
     def remove(self):
@@ -409,6 +456,8 @@ class TokenValues:
 
     def __init__(self, model, blocks):
         self.active, self.embedded = True, None
+        #: The share of the values computed from the embeddings (the rest from the residual stream, as in plain GPT-2).
+        self.mix = 1.0
         self.handles = [model.transformer.drop.register_forward_hook(self.keep_embedding)]
         self.handles += [block.attn.c_attn.register_forward_hook(partial(self.reroute, block)) for block in blocks]
 
@@ -420,7 +469,65 @@ class TokenValues:
             return None
         d_model = output.shape[-1] // 3
         values = block.ln_1(self.embedded) @ c_attn.weight[:, 2 * d_model :] + c_attn.bias[2 * d_model :]
+        if self.mix < 1:
+            values = self.mix * values + (1 - self.mix) * output[..., 2 * d_model :]
         return torch.cat([output[..., : 2 * d_model], values], dim=-1)
+
+
+class FrozenPrediction:
+    """The logits of the frozen model below the appended blocks, from the residual stream entering the first of them.
+
+    The appended blocks start as the identity and the blocks below do not learn, so these are the trained model's
+    own predictions, computed in the same forward pass (same name embeddings) without a second one.
+    """
+
+    def __init__(self, model, first_appended: int):
+        self.model, self.residual = model, None
+        self.handles = [model.transformer.h[first_appended].register_forward_pre_hook(self.keep, with_kwargs=True)]
+
+    def keep(self, module, args, kwargs):
+        self.residual = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d_model]
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        """[batch, pos, vocab]"""
+        return self.model.lm_head(self.model.transformer.ln_f(self.residual))
+
+
+def copied_name_positions(ids: torch.Tensor, name_ids: torch.Tensor) -> torch.Tensor:
+    """[batch, pos - 1]: True where the next token (``ids[:, 1:]``) is a name that already occurs at or before the position."""
+    following = ids[:, 1:]  # [batch, pos - 1]
+    n = following.shape[1]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # [position, earlier position]
+    seen = ((ids[:, None, :n] == following[:, :, None]) & earlier).any(-1)
+    return seen & torch.isin(following, name_ids)
+
+
+def copied_name_lowered_loss(logits: torch.Tensor, frozen_logits: torch.Tensor, ids: torch.Tensor, predicted: torch.Tensor,
+                             name_ids: torch.Tensor, lower: float, match_logits: bool = False,
+                             temperature: float = 1.0, name_logit_weight: float = 0.0) -> torch.Tensor:
+    """The loss against the frozen model's prediction with a copied name's logit lowered by ``lower``.
+
+    Cross-entropy against that prediction, or (``match_logits``) the squared difference of the centred logits
+    summed over the vocabulary. ``logits`` and ``frozen_logits`` are ``[batch, pos - 1, vocab]`` (position t
+    predicts ``ids[:, t + 1]``), ``predicted`` is ``[batch, pos - 1]``, the positions the loss counts (no padding).
+    """
+    following = ids[:, 1:]
+    copied = copied_name_positions(ids, name_ids)
+    lowering = (-lower * copied.to(frozen_logits.dtype))[..., None]
+    target_logits = frozen_logits.scatter_add(-1, following[..., None], lowering)
+    if match_logits:
+        def centred(x):
+            return x - x.mean(-1, keepdim=True)
+        per_position = (centred(logits) - centred(target_logits)).pow(2).sum(-1)
+    else:
+        target = (target_logits / temperature).softmax(-1)
+        per_position = -(target * (logits / temperature).log_softmax(-1)).sum(-1) * temperature**2
+    loss = per_position[predicted].mean()
+    if name_logit_weight:
+        missed = (logits[..., name_ids] - target_logits[..., name_ids]).pow(2).sum(-1)  # [batch, pos - 1]
+        loss = loss + name_logit_weight * (missed * copied).sum() / predicted.sum()
+    return loss
 
 
 def attention_under_names_only_mask(model, tokenizer, first_appended: int) -> dict:
@@ -488,6 +595,15 @@ def drop_whole_heads(model, p: float, blocks=None) -> list:
     return [block.attn.c_proj.register_forward_pre_hook(drop) for block in blocks]
 
 
+def training_constraint_strength(recipe: Recipe, step: int, share: float) -> float:
+    """How strongly a training-only constraint on the appended heads holds at ``step``: 1 for the first ``share`` of
+    the second phase and 0 after it, or (``phase2_new_heads_fade``) falling linearly from 1 to 0 over that share."""
+    progress = (step - recipe.steps) / (share * recipe.phase2_steps) if share else 1.0
+    if recipe.phase2_new_heads_fade:
+        return min(max(1.0 - progress, 0.0), 1.0)
+    return 1.0 if progress < 1 else 0.0
+
+
 def _training_state(model, optimizer, schedule, rng: random.Random, step: int) -> dict:
     return {
         "model": model.state_dict(),
@@ -548,7 +664,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
                          f"{recipe.architecture['n_positions']} positions")
     first_step = 0
     phase2_hooks = []
-    names_only = token_values = None
+    names_only = token_values = frozen_prediction = None
     if resume is not None:
         state = torch.load(resume, weights_only=False)
         model.load_state_dict(state["model"])
@@ -599,18 +715,26 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             if recipe.phase2_new_heads_token_values:
                 token_values = TokenValues(model, model.transformer.h[recipe.n_layer :])
                 phase2_hooks.extend(token_values.handles)
+            if recipe.phase2_lower_copied_name:
+                frozen_prediction = FrozenPrediction(model, recipe.n_layer)
+                phase2_hooks.extend(frozen_prediction.handles)
         if names_only is not None:
-            names_only.active = step < steps + recipe.phase2_new_heads_names_only * recipe.phase2_steps
+            names_only.strength = training_constraint_strength(recipe, step, recipe.phase2_new_heads_names_only)
         if token_values is not None:
-            token_values.active = step < steps + recipe.phase2_new_heads_token_values * recipe.phase2_steps
+            token_values.mix = training_constraint_strength(recipe, step, recipe.phase2_new_heads_token_values)
         with torch.no_grad():
             embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
         if names_only is not None:
             names_only.ids = ids
         logits = model(ids).logits[:, :-1]
-        targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if frozen_prediction is not None:
+            loss = copied_name_lowered_loss(logits, frozen_prediction.logits()[:, :-1], ids, mask[:, 1:], name_ids,
+                                            recipe.phase2_lower_copied_name, bool(recipe.phase2_match_logits),
+                                            recipe.phase2_target_temperature, recipe.phase2_name_logit_weight)
+        else:
+            targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
