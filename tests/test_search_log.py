@@ -88,3 +88,16 @@ def test_runs_trained_with_values_from_the_embeddings_get_a_line_on_their_append
     plain = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
     path.write_text(json.dumps(plain))
     assert "learned with values from the embeddings" not in search_log([path])
+
+
+def test_runs_that_measured_name_legibility_share_a_line_when_their_numbers_agree(tmp_path):
+    import json
+
+    run = json.loads((DOCS / "negative_head_search" / "20_f1.json").read_text())
+    paths = []
+    for name, legibility in (("01_a", [0.98, 0.5]), ("02_b", [0.98, 0.5]), ("03_c", [0.98, 0.4])):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({**run, "io_name_legibility": legibility}))
+    log = search_log(paths)
+    assert "- 01_a, 02_b: 0.98, 0.50\n- 03_c: 0.98, 0.40" in log
+    assert "How much of the IO name a least-squares read" not in search_log([DOCS / "negative_head_search" / "20_f1.json"]), "no measurement, no line"

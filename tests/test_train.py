@@ -94,7 +94,8 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("phase2_new_heads_skip_self", "int"), ("phase2_new_heads_names_only", "float"),
     ("phase2_new_heads_token_values", "float"), ("crowd", "float"), ("crowd_before", "float"),
     ("phase2_lower_copied_name", "float"), ("phase2_match_logits", "int"), ("phase2_target_temperature", "float"),
-    ("phase2_name_logit_weight", "float"), ("phase2_new_heads_fade", "int"),
+    ("phase2_name_logit_weight", "float"), ("phase2_new_heads_fade", "int"), ("name_embedding_std", "float"),
+    ("phase2_new_heads_learning", "int"), ("phase2_keep_final_scale", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -203,6 +204,8 @@ def test_crowded_sentences_put_a_third_name_between_the_clauses_or_before_the_se
     (dict(phase2_target_temperature=0.0), "must be positive"),
     (dict(phase2_name_logit_weight=1.0, phase2_train_new_only=1), "set that too"),
     (dict(phase2_new_heads_fade=1), "set phase2_new_heads_names_only or phase2_new_heads_token_values too"),
+    (dict(phase2_new_heads_learning=5), "counts heads of a block of 4"),
+    (dict(phase2_keep_final_scale=1.0, phase2_train_new_only=1), "set that too"),
 ])
 def test_names_only_mask_settings_that_make_no_sense_are_refused(flags, message):
     with pytest.raises(ValueError, match=message):
@@ -533,3 +536,57 @@ def test_a_fading_names_only_mask_scales_the_other_words_attention():
     assert kwargs["attention_mask"][0, 0, 4, 2].isinf()
     mask.strength = 0.0
     assert mask.mask(None, (hidden,), {}) is None
+
+
+def test_appended_heads_beyond_the_learning_ones_write_nothing(tmp_path):
+    """``phase2_new_heads_learning=1``: after a second phase the appended block's first head writes, the second
+    one's rows of the output projection are still zero."""
+    from transformers import GPT2LMHeadModel
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=2, batch_size=4, phase2_steps=3, phase2_lr=0.01,
+                    phase2_new_layers=1, phase2_train_new_only=1, phase2_new_attention_only=1, phase2_new_heads_learning=1)
+    train(tmp_path / "model", recipe)
+    projection = GPT2LMHeadModel.from_pretrained(tmp_path / "model").transformer.h[1].attn.c_proj.weight  # [z, d_model]
+    assert projection[:8].abs().max() > 0, "the learning head should have learned"
+    assert projection[8:].abs().max() == 0, "the other head must stay silent"
+
+
+def test_the_frozen_prediction_is_the_model_below_the_appended_blocks():
+    """Read in the grown model's own forward pass: the logits are the ungrown model's exactly while the appended block
+    writes nothing, and the final scale ratio is 1; once the block writes, the ratio moves and the frozen logits do not."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from attribution_course.train import FrozenPrediction
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=30, n_positions=8, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).eval()
+    grown = append_identity_blocks(model, 1).eval()
+    frozen = FrozenPrediction(grown, 1)
+    tokens = torch.randint(0, 30, (3, 8))
+    with torch.no_grad():
+        expected = model(tokens).logits
+        grown(tokens)
+        torch.testing.assert_close(frozen.logits(), expected)
+        torch.testing.assert_close(frozen.final_scale_ratio(), torch.ones(3, 8))
+        grown.transformer.h[1].attn.c_proj.weight.normal_(0, 1.0)
+        grown(tokens)
+        torch.testing.assert_close(frozen.logits(), expected)
+        assert (frozen.final_scale_ratio() - 1).abs().max() > 0.01
+
+
+def test_the_io_name_is_legible_in_the_embedding_and_less_so_after_the_blocks_write():
+    """On the shipped model: before the first block the residual at IO's position is mostly the name (R² near 1);
+    the blocks' writes there leave a linear read much less of it by the last block. The model's own name
+    embeddings are put back afterwards."""
+    from attribution_course.model import SHIPPED_MODEL_DIR
+    from attribution_course.train import io_name_legibility
+    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    model = GPT2LMHeadModel.from_pretrained(SHIPPED_MODEL_DIR).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(SHIPPED_MODEL_DIR)
+    before = model.transformer.wte.weight.clone()
+    legibility = io_name_legibility(model, tokenizer, n_draws=10)
+    assert len(legibility) == model.config.n_layer
+    assert legibility[0] > 0.9 and legibility[-1] < legibility[0] - 0.2, legibility
+    assert torch.equal(model.transformer.wte.weight, before)

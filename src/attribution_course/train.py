@@ -29,7 +29,7 @@ from . import corpus
 from .model import HEDGING_VARIANT_DIR, SHIPPED_MODEL_DIR
 from .prompts import fill_template
 
-#: Standard deviation of the fixed random embedding of every name.
+#: Standard deviation of the random embedding of every name (``Recipe.name_embedding_std``'s default).
 NAME_EMBEDDING_STD = 0.1
 
 
@@ -50,6 +50,10 @@ class Recipe:
     lr: float = 3e-3
     weight_decay: float = 0.01
     dropout: float = 0.0
+    #: The standard deviation of the names' random embeddings (redrawn at every step). After the first block the
+    #: residual stream at a name's position is mostly what the blocks wrote there (norm ~12 against the name's
+    #: ~1.1 in the shipped model), so a later head can copy a name only approximately; larger names stay legible.
+    name_embedding_std: float = NAME_EMBEDDING_STD
     ioi_fraction: float = 0.8
     hedge_s: float = 0.0
     hedge_new: float = 0.0
@@ -144,6 +148,14 @@ class Recipe:
     #: phase instead of stopping at once: the other words' attention is scaled by a weight that grows from 0 to 1,
     #: and the values are a mix, from the embeddings' alone to the residual stream's alone.
     phase2_new_heads_fade: int = 0
+    #: Only this many heads of each appended block learn (the first ones); the others' output projections stay
+    #: zero, so they write nothing (0: every head). One head then has to do what a block's heads would share.
+    phase2_new_heads_learning: int = 0
+    #: With ``phase2_lower_copied_name``, a third term of the loss: this weight times the squared relative change
+    #: of the final LayerNorm's scale (the residual's standard deviation) that the appended blocks cause, averaged
+    #: over the positions. It closes the route the ``k`` runs found (shrinking every logit by inflating the
+    #: residual stream) without the mismatch of ``phase2_detach_final_ln_scale``, whose forward pass still pays it.
+    phase2_keep_final_scale: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -165,8 +177,12 @@ class Recipe:
             raise ValueError(f"phase2_lower_copied_name lowers a logit by this much; {self.phase2_lower_copied_name} would raise it")
         if self.phase2_target_temperature <= 0:
             raise ValueError(f"phase2_target_temperature must be positive, not {self.phase2_target_temperature}")
+        if self.phase2_keep_final_scale and not self.phase2_lower_copied_name:
+            raise ValueError("phase2_keep_final_scale weighs a term of phase2_lower_copied_name's loss: set that too")
         if self.phase2_name_logit_weight and not self.phase2_lower_copied_name:
             raise ValueError("phase2_name_logit_weight weighs a term of phase2_lower_copied_name's loss: set that too")
+        if not 0 <= self.phase2_new_heads_learning <= self.n_head:
+            raise ValueError(f"phase2_new_heads_learning counts heads of a block of {self.n_head}, not {self.phase2_new_heads_learning}")
         if self.phase2_new_heads_fade and not (self.phase2_new_heads_names_only or self.phase2_new_heads_token_values):
             raise ValueError("phase2_new_heads_fade fades the names-only mask and the values from the embeddings: "
                              "set phase2_new_heads_names_only or phase2_new_heads_token_values too")
@@ -176,7 +192,8 @@ class Recipe:
             raise ValueError("phase2_lower_copied_name's targets are the frozen blocks' predictions: set phase2_train_new_only too")
         if not self.phase2_new_layers:
             appended_only = ("phase2_train_new_only", "phase2_new_attention_only", "phase2_new_heads_skip_self",
-                             "phase2_new_heads_names_only", "phase2_new_heads_token_values", "phase2_lower_copied_name")
+                             "phase2_new_heads_names_only", "phase2_new_heads_token_values", "phase2_lower_copied_name",
+                             "phase2_new_heads_learning")
             if set_without := [name for name in appended_only if getattr(self, name)]:
                 raise ValueError(f"{', '.join(set_without)} need appended blocks: set phase2_new_layers too")
 
@@ -465,7 +482,7 @@ class TokenValues:
         self.embedded = output  # [batch, pos, d_model]
 
     def reroute(self, block, c_attn, args, output):
-        if not self.active:
+        if not self.active or self.mix == 0:
             return None
         d_model = output.shape[-1] // 3
         values = block.ln_1(self.embedded) @ c_attn.weight[:, 2 * d_model :] + c_attn.bias[2 * d_model :]
@@ -482,16 +499,27 @@ class FrozenPrediction:
     """
 
     def __init__(self, model, first_appended: int):
-        self.model, self.residual = model, None
-        self.handles = [model.transformer.h[first_appended].register_forward_pre_hook(self.keep, with_kwargs=True)]
+        self.model, self.residual, self.final_residual = model, None, None
+        self.handles = [model.transformer.h[first_appended].register_forward_pre_hook(self.keep, with_kwargs=True),
+                        model.transformer.ln_f.register_forward_pre_hook(self.keep_final)]
 
     def keep(self, module, args, kwargs):
         self.residual = args[0] if args else kwargs["hidden_states"]  # [batch, pos, d_model]
 
+    def keep_final(self, module, args):
+        self.final_residual = args[0]  # what the final LayerNorm receives, appended blocks included
+
     @torch.no_grad()
     def logits(self) -> torch.Tensor:
         """[batch, pos, vocab]"""
-        return self.model.lm_head(self.model.transformer.ln_f(self.residual))
+        ln_f = self.model.transformer.ln_f  # called as a function: its hooks are for the model's own pass
+        normed = torch.nn.functional.layer_norm(self.residual, ln_f.normalized_shape, ln_f.weight, ln_f.bias, ln_f.eps)
+        return self.model.lm_head(normed)
+
+    def final_scale_ratio(self) -> torch.Tensor:
+        """[batch, pos]: the final LayerNorm's scale (the residual's standard deviation) over the frozen model's.
+        Differentiable through the appended blocks' writes."""
+        return self.final_residual.std(-1) / self.residual.std(-1).detach()
 
 
 def copied_name_positions(ids: torch.Tensor, name_ids: torch.Tensor) -> torch.Tensor:
@@ -595,6 +623,14 @@ def drop_whole_heads(model, p: float, blocks=None) -> list:
     return [block.attn.c_proj.register_forward_pre_hook(drop) for block in blocks]
 
 
+@torch.no_grad()
+def silence_heads_beyond(blocks, n_learning: int) -> None:
+    """Zero the rows of each block's output projection that carry heads ``n_learning`` and up: they write nothing."""
+    for block in blocks:
+        d_head = block.attn.head_dim
+        block.attn.c_proj.weight[n_learning * d_head :] = 0  # Conv1D: [n_head * d_head (z), d_model]
+
+
 def training_constraint_strength(recipe: Recipe, step: int, share: float) -> float:
     """How strongly a training-only constraint on the appended heads holds at ``step``: 1 for the first ``share`` of
     the second phase and 0 after it, or (``phase2_new_heads_fade``) falling linearly from 1 to 0 over that share."""
@@ -645,7 +681,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     model = GPT2LMHeadModel(config)
     name_ids = name_token_ids(tokenizer)
     embedding = model.transformer.wte.weight  # tied with the unembedding
-    fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
+    fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * recipe.name_embedding_std
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
     length = corpus.N_POSITIONS + 2  # prompt, answer and the full stop
@@ -723,7 +759,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         if token_values is not None:
             token_values.mix = training_constraint_strength(recipe, step, recipe.phase2_new_heads_token_values)
         with torch.no_grad():
-            embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * NAME_EMBEDDING_STD
+            embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * recipe.name_embedding_std
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
         if names_only is not None:
             names_only.ids = ids
@@ -732,6 +768,9 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             loss = copied_name_lowered_loss(logits, frozen_prediction.logits()[:, :-1], ids, mask[:, 1:], name_ids,
                                             recipe.phase2_lower_copied_name, bool(recipe.phase2_match_logits),
                                             recipe.phase2_target_temperature, recipe.phase2_name_logit_weight)
+            if recipe.phase2_keep_final_scale:
+                scale_change = frozen_prediction.final_scale_ratio()[:, :-1][mask[:, 1:]] - 1
+                loss = loss + recipe.phase2_keep_final_scale * scale_change.pow(2).mean()
         else:
             targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -740,6 +779,8 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         optimizer.step()
         schedule.step()
+        if step >= steps and recipe.phase2_new_heads_learning:
+            silence_heads_beyond(model.transformer.h[recipe.n_layer :], recipe.phase2_new_heads_learning)
         if step % 250 == 0 or step == recipe.total_steps - 1:
             print(f"step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     train_seconds = time.perf_counter() - start
@@ -814,7 +855,49 @@ def measurements_in_training_setup(model, tokenizer, recipe: Recipe) -> dict:
         measured["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
     if recipe.phase2_new_heads_token_values:
         measured["appended_heads_under_token_values"] = appended_heads_under_token_values(model, tokenizer, recipe.n_layer)
+    if recipe.phase2_lower_copied_name:
+        measured["io_name_legibility"] = io_name_legibility(model, tokenizer, recipe.name_embedding_std)
     return measured
+
+
+@torch.no_grad()
+def io_name_legibility(model, tokenizer, name_std: float = NAME_EMBEDDING_STD, n_draws: int = 25) -> list[float]:
+    """How much of the IO name a linear read of the residual stream at IO's position recovers, before each block.
+
+    The names' embeddings are redrawn ``n_draws`` times, as in training, over 200 training-distribution prompts
+    (seeded; the model's own embeddings are put back after). Per block: the held-out R² (the last fifth of the
+    draws) of a least-squares map, with a bias, from the block's ``ln_1`` of the residual to the IO name's
+    embedding, which is also its unembedding. A head of that block can copy the name only as well as this.
+    """
+    from .prompts import make_ioi_prompts
+
+    prompts = make_ioi_prompts(tokenizer, 200, split="train", seed=5)
+    name_ids = name_token_ids(tokenizer)
+    embedding = model.transformer.wte.weight
+    kept = embedding[name_ids].clone()
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.arange(len(prompts))
+    read = [[] for _ in model.transformer.h]  # per block: [draw][prompt, d_model]
+    names = []
+    try:
+        for _ in range(n_draws):
+            embedding[name_ids] = torch.randn(len(name_ids), embedding.shape[1], generator=generator) * name_std
+            hidden = model(prompts.clean_tokens, output_hidden_states=True).hidden_states  # the last is after ln_f
+            names.append(embedding[prompts.io_token].clone())
+            for layer, block in enumerate(model.transformer.h):
+                read[layer].append(block.ln_1(hidden[layer][rows, prompts.io_positions]))
+    finally:
+        embedding[name_ids] = kept
+    target = torch.cat(names)
+    fitted = len(target) * 4 // 5
+    legibility = []
+    for per_draw in read:
+        features = torch.cat([torch.cat(per_draw), torch.ones(len(target), 1)], dim=1)
+        solution = torch.linalg.lstsq(features[:fitted], target[:fitted]).solution
+        residual = features[fitted:] @ solution - target[fitted:]
+        spread = target[fitted:] - target[fitted:].mean(0)
+        legibility.append(round(1 - residual.pow(2).sum().item() / spread.pow(2).sum().item(), 3))
+    return legibility
 
 
 def appended_heads_under_token_values(model, tokenizer, first_appended: int) -> dict:
@@ -951,7 +1034,7 @@ Synthetic sentences generated on the fly (`attribution_course.corpus`, seed {inf
 The rest are filler sentences (such as "a bag was given to Joe .") that
 mention every name, including the {len(corpus.TEST_NAMES)} held-out names, which never appear in a
 training IOI sentence. Every name has a random embedding (standard deviation
-{NAME_EMBEDDING_STD}) that training never updates and redraws at every step, so the model
+{r.get('name_embedding_std', NAME_EMBEDDING_STD)}) that training never updates and redraws at every step, so the model
 cannot memorise per-name answers and must learn a mechanism that works for any name
 vector; the saved weights carry one more seeded draw. The {len(corpus.TEST_TEMPLATES)} test templates never appear in training.
 Next-token cross-entropy on every position, AdamW (lr {info['lr']}, weight decay {r['weight_decay']}, one-cycle schedule),
