@@ -101,3 +101,13 @@ def test_runs_that_measured_name_legibility_share_a_line_when_their_numbers_agre
     log = search_log(paths)
     assert "- 01_a, 02_b: 0.98, 0.50\n- 03_c: 0.98, 0.40" in log
     assert "How much of the IO name a least-squares read" not in search_log([DOCS / "negative_head_search" / "20_f1.json"]), "no measurement, no line"
+
+
+def test_runs_are_logged_in_the_order_of_their_numbers_not_alphabetically(tmp_path):
+    import json
+
+    run = (DOCS / "negative_head_search" / "20_f1.json").read_text()
+    for name in ("100_late", "9_early", "10_middle"):
+        (tmp_path / f"{name}.json").write_text(run)
+    log = search_log(sorted(tmp_path.glob("*.json")))  # alphabetically: 100_late, 10_middle, 9_early
+    assert log.index("| 9_early |") < log.index("| 10_middle |") < log.index("| 100_late |")

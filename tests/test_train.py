@@ -95,7 +95,7 @@ def test_head_dropout_silences_whole_heads_for_a_sentence_in_training_only():
     ("phase2_new_heads_token_values", "float"), ("crowd", "float"), ("crowd_before", "float"),
     ("phase2_lower_copied_name", "float"), ("phase2_match_logits", "int"), ("phase2_target_temperature", "float"),
     ("phase2_name_logit_weight", "float"), ("phase2_new_heads_fade", "int"), ("name_embedding_std", "float"),
-    ("phase2_new_heads_learning", "int"), ("phase2_keep_final_scale", "float"),
+    ("phase2_new_heads_learning", "int"), ("phase2_keep_final_scale", "float"), ("name_unembedding_std", "float"),
 ])
 def test_search_flags_are_command_line_options(flag, kind, capsys):
     from attribution_course.train import main
@@ -590,3 +590,21 @@ def test_the_io_name_is_legible_in_the_embedding_and_less_so_after_the_blocks_wr
     assert len(legibility) == model.config.n_layer
     assert legibility[0] > 0.9 and legibility[-1] < legibility[0] - 0.2, legibility
     assert torch.equal(model.transformer.wte.weight, before)
+
+
+def test_untied_names_get_their_input_directions_rescaled_as_output_vectors(tmp_path):
+    """``name_unembedding_std``: the saved model is untied; each name's output vector is its input vector times
+    the ratio of the two standard deviations; other words keep output vectors of their own."""
+    from transformers import GPT2LMHeadModel
+
+    from attribution_course.train import build_tokenizer, name_token_ids
+
+    recipe = Recipe(n_layer=1, n_head=2, n_embd=16, steps=2, batch_size=4, name_embedding_std=0.5, name_unembedding_std=0.1)
+    train(tmp_path / "model", recipe)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    names = name_token_ids(build_tokenizer())
+    assert not model.config.tie_word_embeddings
+    torch.testing.assert_close(model.lm_head.weight[names], model.transformer.wte.weight[names] * 0.2)
+    assert not torch.equal(model.lm_head.weight[:2], model.transformer.wte.weight[:2])
+    with pytest.raises(ValueError, match="standard deviation"):
+        Recipe(name_unembedding_std=-0.1)

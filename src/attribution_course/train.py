@@ -54,6 +54,10 @@ class Recipe:
     #: residual stream at a name's position is mostly what the blocks wrote there (norm ~12 against the name's
     #: ~1.1 in the shipped model), so a later head can copy a name only approximately; larger names stay legible.
     name_embedding_std: float = NAME_EMBEDDING_STD
+    #: 0: the unembedding is the embedding (tied, as in GPT-2). Above 0: they are untied, and each name's output
+    #: vector is its (random) input vector rescaled to this standard deviation, so that names drawn large to stay
+    #: legible in the residual stream do not also make large random logits.
+    name_unembedding_std: float = 0.0
     ioi_fraction: float = 0.8
     hedge_s: float = 0.0
     hedge_new: float = 0.0
@@ -181,6 +185,8 @@ class Recipe:
             raise ValueError("phase2_keep_final_scale weighs a term of phase2_lower_copied_name's loss: set that too")
         if self.phase2_name_logit_weight and not self.phase2_lower_copied_name:
             raise ValueError("phase2_name_logit_weight weighs a term of phase2_lower_copied_name's loss: set that too")
+        if self.name_unembedding_std < 0:
+            raise ValueError(f"name_unembedding_std is a standard deviation (0: tied), not {self.name_unembedding_std}")
         if not 0 <= self.phase2_new_heads_learning <= self.n_head:
             raise ValueError(f"phase2_new_heads_learning counts heads of a block of {self.n_head}, not {self.phase2_new_heads_learning}")
         if self.phase2_new_heads_fade and not (self.phase2_new_heads_names_only or self.phase2_new_heads_token_values):
@@ -640,6 +646,15 @@ def training_constraint_strength(recipe: Recipe, step: int, share: float) -> flo
     return 1.0 if progress < 1 else 0.0
 
 
+@torch.no_grad()
+def set_name_vectors(model, name_ids: torch.Tensor, vectors: torch.Tensor, recipe: Recipe) -> None:
+    """Give the names these input embeddings, and (untied, ``recipe.name_unembedding_std``) the same directions,
+    rescaled, as output vectors; tied, the unembedding is the embedding already."""
+    model.transformer.wte.weight[name_ids] = vectors
+    if recipe.name_unembedding_std:
+        model.lm_head.weight[name_ids] = vectors * (recipe.name_unembedding_std / recipe.name_embedding_std)
+
+
 def _training_state(model, optimizer, schedule, rng: random.Random, step: int) -> dict:
     return {
         "model": model.state_dict(),
@@ -677,10 +692,10 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
         embd_pdrop=recipe.dropout,
         attn_pdrop=recipe.dropout,
         **{**recipe.architecture, "n_layer": recipe.n_layer},
+        **({"tie_word_embeddings": False} if recipe.name_unembedding_std else {}),
     )
     model = GPT2LMHeadModel(config)
     name_ids = name_token_ids(tokenizer)
-    embedding = model.transformer.wte.weight  # tied with the unembedding
     fixed_name_embeddings = torch.randn(len(name_ids), config.n_embd) * recipe.name_embedding_std
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
@@ -721,7 +736,6 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             if recipe.phase2_new_layers:
                 model = append_identity_blocks(model, recipe.phase2_new_layers)
                 model.train()
-                embedding = model.transformer.wte.weight
                 if recipe.phase2_train_new_only:
                     model.requires_grad_(False)
                     model.transformer.h[recipe.n_layer :].requires_grad_(True)
@@ -758,8 +772,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
             names_only.strength = training_constraint_strength(recipe, step, recipe.phase2_new_heads_names_only)
         if token_values is not None:
             token_values.mix = training_constraint_strength(recipe, step, recipe.phase2_new_heads_token_values)
-        with torch.no_grad():
-            embedding[name_ids] = torch.randn(len(name_ids), config.n_embd) * recipe.name_embedding_std
+        set_name_vectors(model, name_ids, torch.randn(len(name_ids), config.n_embd) * recipe.name_embedding_std, recipe)
         ids, mask = encode_batch(tokenizer, [training_sentence(rng, recipe.at_step(step)) for _ in range(batch_size)], length)
         if names_only is not None:
             names_only.ids = ids
@@ -786,8 +799,7 @@ def train(out_dir: Path, recipe: Recipe, *, checkpoint: Path | None = None, chec
     train_seconds = time.perf_counter() - start
     for handle in phase2_hooks:
         handle.remove()
-    with torch.no_grad():
-        embedding[name_ids] = fixed_name_embeddings
+    set_name_vectors(model, name_ids, fixed_name_embeddings, recipe)
     model.eval()
     results = evaluate(model, tokenizer)
     heads = survey(model, tokenizer)
@@ -855,7 +867,7 @@ def measurements_in_training_setup(model, tokenizer, recipe: Recipe) -> dict:
         measured["attention_under_names_only_mask"] = attention_under_names_only_mask(model, tokenizer, recipe.n_layer)
     if recipe.phase2_new_heads_token_values:
         measured["appended_heads_under_token_values"] = appended_heads_under_token_values(model, tokenizer, recipe.n_layer)
-    if recipe.phase2_lower_copied_name:
+    if recipe.phase2_lower_copied_name or recipe.name_unembedding_std or recipe.name_embedding_std != NAME_EMBEDDING_STD:
         measured["io_name_legibility"] = io_name_legibility(model, tokenizer, recipe.name_embedding_std)
     return measured
 
