@@ -428,7 +428,7 @@ def legibility_summary(runs: dict[str, dict]) -> list[str]:
         return []
     lines = ["", "How much of the IO name a least-squares read of the residual stream at IO's position recovers "
              "(held-out R², names redrawn as in training), before each block, first to last:", ""]
-    # The trained blocks are frozen in these runs, so all but the appended blocks' numbers repeat: group equal lists.
+    # Runs that share their trained blocks (frozen below appended ones) repeat the same numbers: group equal lists.
     groups: dict[tuple, list[str]] = {}
     for name, legibility in measured.items():
         groups.setdefault(tuple(legibility), []).append(name)

@@ -51,8 +51,8 @@ class Recipe:
     weight_decay: float = 0.01
     dropout: float = 0.0
     #: The standard deviation of the names' random embeddings (redrawn at every step). After the first block the
-    #: residual stream at a name's position is mostly what the blocks wrote there (norm ~12 against the name's
-    #: ~1.1 in the shipped model), so a later head can copy a name only approximately; larger names stay legible.
+    #: residual stream at a name's position is mostly what the blocks wrote there, so a later head can copy a name
+    #: only approximately (``io_name_legibility``); larger names stay legible.
     name_embedding_std: float = NAME_EMBEDDING_STD
     #: 0: the unembedding is the embedding (tied, as in GPT-2). Above 0: they are untied, and each name's output
     #: vector is its (random) input vector rescaled to this standard deviation, so that names drawn large to stay
@@ -404,6 +404,11 @@ def detach_final_ln_scale(model):
     return model.transformer.ln_f.register_forward_hook(constant_scale)
 
 
+def causal_mask(n: int, device=None) -> torch.Tensor:
+    """[query, key]: True where a position may read a key, at or before it."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
 def additive_attention_mask(allowed: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """0 where ``allowed``, -inf elsewhere, in the dtype and on the device of the hidden states ``like``."""
     return torch.zeros(allowed.shape, dtype=like.dtype, device=like.device).masked_fill(~allowed, float("-inf"))
@@ -449,17 +454,17 @@ class NamesOnlyAttention:
         """[batch, query, key]: True where a query may attend to a key (earlier or same position, a name or the first)."""
         is_name = torch.isin(self.ids[:, :n], self.name_ids)
         is_name[:, 0] = True
-        return torch.ones(n, n, dtype=torch.bool, device=self.ids.device).tril()[None] & is_name[:, None, :]
+        return causal_mask(n, self.ids.device)[None] & is_name[:, None, :]
 
     def mask(self, module, args, kwargs):
         if not self.active or self.strength == 0:
             return None
         hidden = args[0] if args else kwargs["hidden_states"]
         n = hidden.shape[1]
-        bias = additive_attention_mask(self.allowed(n), like=hidden)  # [batch, query, key]
+        allowed = self.allowed(n)  # [batch, query, key]
+        bias = additive_attention_mask(allowed, like=hidden)
         if self.strength < 1:  # a softmax weight scaled by (1 - strength) is a score raised by log(1 - strength)
-            causal = torch.ones(n, n, dtype=torch.bool, device=hidden.device).tril()
-            bias = bias.masked_fill(causal & bias.isinf(), math.log(1 - self.strength))
+            bias = bias.masked_fill(causal_mask(n, hidden.device) & ~allowed, math.log(1 - self.strength))
         kwargs["attention_mask"] = bias[:, None]
         return args, kwargs
 
@@ -532,8 +537,7 @@ def copied_name_positions(ids: torch.Tensor, name_ids: torch.Tensor) -> torch.Te
     """[batch, pos - 1]: True where the next token (``ids[:, 1:]``) is a name that already occurs at or before the position."""
     following = ids[:, 1:]  # [batch, pos - 1]
     n = following.shape[1]
-    earlier = torch.ones(n, n, dtype=torch.bool, device=ids.device).tril()  # [position, earlier position]
-    seen = ((ids[:, None, :n] == following[:, :, None]) & earlier).any(-1)
+    seen = ((ids[:, None, :n] == following[:, :, None]) & causal_mask(n, ids.device)).any(-1)
     return seen & torch.isin(following, name_ids)
 
 
@@ -879,7 +883,8 @@ def io_name_legibility(model, tokenizer, name_std: float = NAME_EMBEDDING_STD, n
     The names' embeddings are redrawn ``n_draws`` times, as in training, over 200 training-distribution prompts
     (seeded; the model's own embeddings are put back after). Per block: the held-out R² (the last fifth of the
     draws) of a least-squares map, with a bias, from the block's ``ln_1`` of the residual to the IO name's
-    embedding, which is also its unembedding. A head of that block can copy the name only as well as this.
+    embedding (tied, also its unembedding; untied, in its unembedding's direction). A head of that block can copy
+    the name only as well as this.
     """
     from .prompts import make_ioi_prompts
 
