@@ -115,33 +115,35 @@ def comparison(model):
     return atp_star.compare_estimators(model, held_out.clean_tokens, held_out.corrupted_tokens, metric, ig_steps=4)
 
 
-def test_on_the_shipped_model_neither_fix_removes_atps_false_negatives_but_ig_does(comparison):
+def test_on_the_shipped_model_the_qk_fix_removes_atps_false_negatives_and_graddrop_does_not(comparison):
     """What AtP*'s fixes do on this model (noising, ABC, 32 held-out prompts, seed 0), stated as measured.
 
-    Components: every head through z, q, k and v (64, pooled); false negative:
+    Components: every head through z, q, k and v (80, pooled); false negative:
     ``|exact| >= 0.1·max|exact|`` but ``|estimate|`` below that. Measured when
-    this test was written: AtP misses 4 (L0H0 and L0H2 through z and through v:
-    exact about -1.1 and -1.2, AtP about -0.1 each). The QK fix misses the same
-    4: it only changes the query and key families, and patching queries or keys
-    from the ABC prompts moves the metric by less than 0.04 for every head, so
-    saturation is not where AtP fails here. GradDrop misses more (6): dropping
-    a later layer's gradient never enlarges a layer-0 head's estimate, which is
-    what a miss by cancellation between paths would show; the misses are
-    curvature, which no reweighting of one gradient removes. Integrated
-    gradients (4 steps) miss none. If a retrained model changes this, the
-    assertions fail and the claims must be re-measured.
+    this test was written (issue 9's model): AtP misses 2, the queries of the name
+    movers L2H1 and L2H3 (exact -1.56 and -1.95, AtP -0.08 and -0.20): patching
+    their queries from the ABC prompts moves their attention from IO, where it is
+    nearly one-hot (0.91 on average), to S1, and the tangent of a saturated softmax
+    sees almost none of that. The QK fix recomputes that softmax and misses none,
+    and so does AtP*; GradDrop alone misses the same 2 (no cancellation to undo);
+    integrated gradients (4 steps) miss none. If a retrained model changes this,
+    the assertions fail and chapter 8's claims must be re-measured.
     """
     false_negatives = {m: s["false_negatives"] for m, s in comparison.scores(k=10).items()}
     assert false_negatives["AtP"] > 0
-    assert false_negatives["AtP+QK fix"] == false_negatives["AtP"]
+    assert false_negatives["AtP+QK fix"] < false_negatives["AtP"]
+    assert false_negatives["AtP*"] < false_negatives["AtP"]
     assert false_negatives["AtP+GradDrop"] >= false_negatives["AtP"]
-    assert false_negatives["AtP*"] >= false_negatives["AtP"]
     assert false_negatives["IG"] < false_negatives["AtP"]
+    exact, estimate = comparison.pooled("AtP")
+    families = [f for f in comparison.exact for _ in range(comparison.exact[f].numel())]
+    missed = {families[i] for i in atp_star.false_negatives(exact, estimate).nonzero().flatten().tolist()}
+    assert missed <= set(atp_star.QK_FIXABLE), missed
     query_key = torch.cat([comparison.exact[f].flatten() for f in ("head_q", "head_k")])
-    assert query_key.abs().max() < 0.1 * comparison.exact["head"].abs().max()
+    assert query_key.abs().max() > 0.25 * comparison.exact["head"].abs().max()
 
 
 def test_qk_fix_does_not_add_false_negatives_where_it_acts(comparison):
-    """On the query and key families alone (32 components) the QK fix misses no more than AtP (measured: 2 vs 3)."""
+    """On the query and key families alone (40 components) the QK fix misses no more than AtP (measured: 1 vs 2)."""
     scores = comparison.scores(k=10, families=["head_q", "head_k"])
     assert scores["AtP+QK fix"]["false_negatives"] <= scores["AtP"]["false_negatives"]

@@ -33,9 +33,9 @@ def reading(model, prompts):
 # ---------------------------------------------------------------- direct logit attribution
 
 
-def test_direct_attributions_add_up_to_the_logit_difference(reading):
+def test_direct_attributions_add_up_to_the_logit_difference(model, reading):
     attribution = reading.attribution
-    assert attribution.heads.shape == (24, 4, 4)
+    assert attribution.heads.shape == (24, model.cfg.n_layers, model.cfg.n_heads)
     assert torch.allclose(attribution.total(), attribution.logit_diff, atol=1e-4), (
         (attribution.total() - attribution.logit_diff).abs().max()
     )
@@ -52,7 +52,8 @@ def test_the_sum_check_fails_without_the_layernorm_scale(model, prompts, cache):
 def test_the_sum_check_fails_when_a_head_is_left_out(model, prompts, cache):
     attribution = circuit.attribution_from_cache(model, cache, prompts)
     missing_one = attribution.heads.clone()
-    missing_one[:, 3, 1] = 0  # the largest head on the shipped model
+    layer, head = divmod(int(attribution.per_head.abs().argmax()), model.cfg.n_heads)
+    missing_one[:, layer, head] = 0  # the head with the largest direct attribution
     total = missing_one.sum(dim=(1, 2)) + torch.stack(list(attribution.rest.values())).sum(0)
     assert (total - attribution.logit_diff).abs().mean() > 0.5
 
@@ -217,13 +218,16 @@ def test_heads_with_role_names_the_unknown_role(reading):
 
 def test_shipped_model_roles(reading):
     """What chapter 2 asserts of any shipped model: the head that writes most towards the answer
-    copies IO or suppresses S, and some head notices the duplicated name at S2. (On the model
-    shipped before issue 9's retraining these are L3H1, a subject suppressor, and L1H2, L2H0, L2H3.)"""
+    copies IO or suppresses S, and some head notices the duplicated name at S2; and, since issue 9's retraining,
+    name movers and a negative name mover. (On the shipped model: L2H3, a name mover, writes most; L4H1 is the
+    negative name mover.)"""
     roles = {row.label: row.roles for row in reading.roles}
     largest = max(reading.roles, key=lambda r: abs(r.direct_logit_attribution))
     assert {"name mover", "subject suppressor"} & set(largest.roles), roles
     assert largest.direct_logit_attribution > 0, roles
     assert circuit.heads_with_role(reading.roles, "duplicate-token head"), roles
+    assert len(circuit.heads_with_role(reading.roles, "name mover")) >= 2, roles
+    assert circuit.heads_with_role(reading.roles, "negative name mover"), roles
 
 
 def test_roles_markdown_lists_only_heads_with_a_role(reading):
@@ -237,11 +241,11 @@ def test_roles_markdown_lists_only_heads_with_a_role(reading):
 # ---------------------------------------------------------------- figures
 
 
-def test_attention_heatmap_has_one_row_per_head_and_values_from_0_to_1(reading):
+def test_attention_heatmap_has_one_row_per_head_and_values_from_0_to_1(model, reading):
     columns = {"end → IO": reading.attention.to_io, "S2 → S1": reading.attention.s2_to_s1}
     fig = plots.head_attention_heatmap(columns, title="t")
     trace = fig.data[0]
-    assert list(trace.y) == [f"L{l}H{h}" for l in range(4) for h in range(4)]
+    assert list(trace.y) == [f"L{l}H{h}" for l in range(model.cfg.n_layers) for h in range(model.cfg.n_heads)]
     assert list(trace.x) == list(columns)
     assert (trace.zmin, trace.zmax) == (0.0, 1.0)
     assert trace.texttemplate and trace.textfont.size >= 12
@@ -258,12 +262,12 @@ def test_attention_heatmap_rejects_mismatched_shapes():
         plots.head_attention_heatmap({"a": torch.zeros(2, 2), "b": torch.zeros(3, 2)}, title="t")
 
 
-def test_head_bars_show_sign_by_pattern_and_value(reading):
+def test_head_bars_show_sign_by_pattern_and_value(model, reading):
     fig = plots.head_bars(reading.attribution.per_head, title="t", x_title="DLA",
                           annotations=[", ".join(r.roles) for r in reading.roles])
     bar = fig.data[0]
     values = reading.attribution.per_head.flatten().tolist()
-    assert list(bar.y)[5] == "L1H1" and len(bar.x) == 16
+    assert list(bar.y)[model.cfg.n_heads + 1] == "L1H1" and len(bar.x) == model.cfg.n_layers * model.cfg.n_heads
     assert [shape == "/" for shape in bar.marker.pattern.shape] == [v < 0 for v in values]
     assert bar.text[0] == f"{values[0]:+.2f}"
     with pytest.raises(ValueError, match="annotations"):

@@ -42,7 +42,8 @@ MUTATIONS = {
         "5.5", '"bphd,bphd->hp"', '"bphd,bphd->ph"', "wrong axis order",
     ),  # wrong axis
     "06_getting_the_sign_right": ("6.1", "(-raw_z[n] * grads[n])", "(raw_z[n] * grads[n])", "opposite sign"),  # wrong sign
-    "07_mean_ablation_and_baselines": ("7.3", "sum(dim=(1, 3))", "sum(dim=(2, 3))", "shape (4, 15), expected (4, 4)"),  # wrong axis
+    # wrong axis: [layer, pos] instead of [layer, head]
+    "07_mean_ablation_and_baselines": ("7.3", "sum(dim=(1, 3))", "sum(dim=(2, 3))", "shape (5, 15), expected (5, 4)"),
     "08_when_the_approximation_fails": (
         "8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 1) / steps", "entries are off",
     ),  # off-by-one step
@@ -55,8 +56,9 @@ HIDDEN_MUTATIONS = {
         "3.3", "expand(batch_size, -1, -1, -1)", "expand(len(prompts), -1, -1, -1)", "hidden input",
     )],  # the notebook's batch size instead of the argument
     "04_activation_patching": [
-        ("4.4", "effects.abs().flatten().argsort", "effects.flatten().argsort", "hidden input"),
-        # abs() missing: the notebook's largest effects are all positive
+        ("4.4", "argsort(descending=True)[:k]", "argsort(descending=True)[:5]", "hidden input"),
+        # the notebook's k instead of the argument (abs() missing no longer hides: the notebook's largest effects
+        # include negative ones since issue 9's model, and the hidden inputs' largest are negative)
         ("4.5", "base = patching.cache_activations(model, base_tokens, names)",
          "base = patching.cache_activations(model, clean, names)", "hidden input"),  # the notebook's prompts
     ],
@@ -81,7 +83,7 @@ HIDDEN_MUTATIONS = {
     )],  # the notebook's batch size instead of the argument
     "08_when_the_approximation_fails": [
         ("8.3", "alpha = (k + 0.5) / steps", "alpha = (k + 0.5) / 8", "hidden input"),  # the notebook's number of steps
-        ("8.7", "gaps.append(atp[layer, head] - exact[layer, head])", "gaps.append(atp[0, 3] - exact[0, 3])",
+        ("8.7", "gaps.append(atp[layer, head] - exact[layer, head])", "gaps.append(atp[1, 2] - exact[1, 2])",
          "hidden input"),  # the notebook's head
     ],
 }

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from attribution_course.search_log import io_selectivity, search_log
+from attribution_course.search_log import io_selectivity, recipe_changes, search_log
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
@@ -12,6 +12,18 @@ def test_the_committed_search_log_is_what_the_script_writes_from_the_runs():
     assert runs, "the runs' training_info.json files are missing"
     committed = (DOCS / "negative_head_search.md").read_text()
     assert committed == search_log(runs), "regenerate with `make search-log`; the log must not be edited by hand"
+
+
+def test_recipes_are_compared_with_the_first_models_recipe_not_the_shipped_one():
+    """The *recipe* column lists changes from ``Recipe()``'s defaults (run r0's recipe), not from ``SHIPPED_RECIPE``."""
+    from dataclasses import asdict
+
+    from attribution_course.train import SHIPPED_RECIPE, Recipe
+
+    assert recipe_changes(asdict(Recipe())) == "(the first model's recipe)"
+    shipped = recipe_changes(asdict(SHIPPED_RECIPE))
+    assert "name_embedding_std=1.0" in shipped and "phase2_lower_copied_name=8.0" in shipped
+    assert recipe_changes({**asdict(Recipe()), "hedge_s": 0.25}) == "hedge_s=0.25"
 
 
 def test_io_selectivity_is_attention_to_io_minus_both_subject_tokens():

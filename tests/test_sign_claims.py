@@ -70,6 +70,25 @@ def test_the_shipped_model_has_a_head_whose_removal_helps(chapter6):
     assert (exact > 0.01 * exact.abs().max()).any(), f"no head raises the logit difference when removed: {exact}"
 
 
+def test_the_negative_name_mover_is_a_large_helper_the_wrong_sign_calls_supporting(chapter6):
+    """Chapter 6's real case on its own prompts: chapter 2's negative name mover raises the logit difference by at
+    least 10% of the largest head effect when removed, the right sign says so and the wrong sign the opposite, and
+    with the final LayerNorm's scale fixed a sizeable share of the gain (its direct write) remains."""
+    from attribution_course import circuit
+    from attribution_course.diagnosis import Freeze, frozen_exact_sweep
+
+    c, exact = chapter6, chapter6["exact"]
+    reading = circuit.read_circuit(c["model"], c["prompts"])
+    movers = [(r.layer, r.head) for r in circuit.heads_with_role(reading.roles, "negative name mover")]
+    large = [(l, h) for l, h in movers if exact[l, h] >= 0.1 * exact.abs().max()]
+    assert large, f"no negative name mover whose removal helps by 10% of the largest effect: {movers}, {exact}"
+    fixed = frozen_exact_sweep(c["model"], c["prompts"].clean_tokens, c["metric"], c["zeros"], "head",
+                               Freeze(("ln_final.hook_scale",)))
+    for l, h in large:
+        assert c["right"][l, h] > 0 > c["wrong"][l, h]
+        assert 0.2 < fixed[l, h] / exact[l, h] < 0.8, (fixed[l, h], exact[l, h])
+
+
 def test_pattern_attribution_equals_head_zero_ablation_estimate(chapter6):
     """-A.dM/dA = -z.dM/dz, because a head's output is linear in its attention pattern: with the raw
     values (value bias included) it is the silent-head estimate; at hook_pattern, whose gradient sees

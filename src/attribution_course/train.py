@@ -37,9 +37,10 @@ NAME_EMBEDDING_STD = 0.1
 class Recipe:
     """Everything that decides the trained weights (with the seed).
 
-    The defaults are the shipped model's recipe; every field is a flag of
-    ``python -m attribution_course.train`` so that other recipes can be tried
-    and compared (see ``docs/negative_head_search.md``).
+    The defaults are the course's first model's recipe, the baseline every run of
+    ``docs/negative_head_search.md`` is compared with; the shipped model's is
+    ``SHIPPED_RECIPE``. Every field is a flag of ``python -m attribution_course.train``
+    so that other recipes can be tried and compared.
     """
 
     n_layer: int = 4
@@ -220,14 +221,27 @@ class Recipe:
         return dict(n_layer=self.n_layer + self.phase2_new_layers, n_head=self.n_head, n_embd=self.n_embd, n_positions=32)
 
 
-#: Chapter 6's hedging variant: the shipped model's recipe, then 1000 steps in which half of the IOI
+#: The shipped model (run 105_u8 of the search log): names drawn large in the input (std 1.0) with output vectors
+#: of the usual size (untied), four blocks trained on IOI, then a fifth block appended above the frozen four whose
+#: first two heads learn calibration targets (the frozen model's prediction with a copied name's logit lowered by 8),
+#: first reading names only and from the embeddings, both constraints fading out. One of them, L4H1, becomes a
+#: negative name mover (tests/test_shipped_model.py checks the four criteria).
+SHIPPED_RECIPE = Recipe(name_embedding_std=1.0, name_unembedding_std=0.1, phase2_steps=2000, phase2_lr=0.003,
+                        phase2_new_layers=1, phase2_train_new_only=1, phase2_new_attention_only=1,
+                        phase2_name_logit_weight=1.0, phase2_lower_copied_name=8.0, phase2_new_heads_names_only=0.7,
+                        phase2_new_heads_token_values=0.7, phase2_new_heads_fade=1, phase2_new_heads_learning=2)
+
+#: Chapter 6's hedging variant: the first shipped model's recipe (``Recipe()``'s defaults), then 1000 steps in which half of the IOI
 #: sentences continue with a name not in the sentence, whole heads of the trained four blocks are dropped
 #: for a sentence with probability 0.3, and only two appended blocks learn (run 36_k5 of the search log).
 HEDGING_VARIANT_RECIPE = Recipe(phase2_steps=1000, phase2_lr=0.003, hedge_new=0.5, phase2_head_dropout=0.3,
                                 phase2_new_layers=2, phase2_train_new_only=1)
 
 #: ``--variant NAME``: the models the book uses, each with its recipe and directory.
-VARIANTS = {"shipped": (Recipe(), SHIPPED_MODEL_DIR), "hedging": (HEDGING_VARIANT_RECIPE, HEDGING_VARIANT_DIR)}
+#: ``first`` is the course's first model (run ``r0`` of the search log, ``Recipe()``'s defaults), which the log's
+#: recipes are written against; it has no directory in the package, so it needs ``--out``.
+VARIANTS = {"shipped": (SHIPPED_RECIPE, SHIPPED_MODEL_DIR), "hedging": (HEDGING_VARIANT_RECIPE, HEDGING_VARIANT_DIR),
+            "first": (Recipe(), None)}
 
 
 def build_tokenizer():
@@ -999,6 +1013,30 @@ def survey_table(heads: dict) -> str:
     return "\n".join(lines)
 
 
+def _calibration_phase(r: dict) -> str:
+    """The model card's sentence for a second phase trained with ``phase2_lower_copied_name``."""
+    text = (
+        "which the appended blocks (below) learned calibration targets: at every position the frozen blocks' own prediction, "
+        f"except where the next word is a name the context already holds, whose logit is lowered by "
+        f"{r['phase2_lower_copied_name']} (every other word's kept)"
+        + (f", with a cost (weight {r['phase2_name_logit_weight']}) on moving any other name's logit"
+           if r.get("phase2_name_logit_weight") else "")
+        + "."
+    )
+    constraints = []
+    if r.get("phase2_new_heads_names_only"):
+        constraints.append(f"for the first {r['phase2_new_heads_names_only']:.0%} of the phase the appended heads could "
+                           "attend to names and the first position only")
+    if r.get("phase2_new_heads_token_values"):
+        constraints.append(f"for the first {r['phase2_new_heads_token_values']:.0%} they computed their values from the "
+                           "token and position embeddings")
+    if constraints:
+        text += (" " + "; ".join(constraints).capitalize()
+                 + ("; both constraints faded out linearly over their shares." if r.get("phase2_new_heads_fade") else ".")
+                 + " The saved model is plain GPT-2, without them.")
+    return text
+
+
 def model_card(info: dict) -> str:
     test, train_ = info["evaluation"]["test"], info["evaluation"]["train"]
     a, r, heads = info["architecture"], info["recipe"], info["head_survey"]
@@ -1013,14 +1051,24 @@ def model_card(info: dict) -> str:
         appended = r.get("phase2_new_layers", 0)
         second_phase = (
             f"\nThen a second phase of {r['phase2_steps']} steps (its own one-cycle schedule, peak lr {r['phase2_lr']}) in "
-            f"which each IOI sentence {hedged.removeprefix('each ')}"
-            + (f" {appended} blocks were appended above the first {r['n_layer']}, each starting as the identity"
-               + (", and only they learned: the trained blocks were frozen." if r.get("phase2_train_new_only") else ".")
+            + (f"which each IOI sentence {hedged.removeprefix('each ')}" if not r.get("phase2_lower_copied_name") else
+               _calibration_phase(r))
+            + (f" {appended} block{'s were' if appended > 1 else ' was'} appended above the first {r['n_layer']}, "
+               f"{'each ' if appended > 1 else ''}starting as the identity"
+               + (f", and only {'they' if appended > 1 else 'it'} learned: the trained blocks were frozen."
+                  if r.get("phase2_train_new_only") else ".")
                if appended else "")
+            + (" The appended blocks' MLPs stayed zero: only their attention heads learned." if r.get("phase2_new_attention_only") else "")
+            + (f" Only the first {r['phase2_new_heads_learning']} heads of each appended block learned; the others write "
+               "nothing." if r.get("phase2_new_heads_learning") else "")
             + (f" Each head of the {'frozen ' if appended and r.get('phase2_train_new_only') else ''}blocks had its whole "
                f"output dropped for a sentence with probability {r['phase2_head_dropout']}." if r.get("phase2_head_dropout") else "")
         )
     both_phases = f" (and the second phase below; time for both)" if r["phase2_steps"] else ""
+    embeddings = (
+        f"untied embeddings (each name's output vector is its input vector rescaled to standard deviation "
+        f"{r['name_unembedding_std']}; the other words' are learned)" if r.get("name_unembedding_std") else "tied\nembeddings"
+    )
     movers = ", ".join(heads["negative_name_movers"]) or "none"
     largest = max(abs(row["zero_ablation_effect"]) for row in heads["heads"])
     helper = max(heads["heads"], key=lambda row: row["zero_ablation_effect"])
@@ -1038,8 +1086,7 @@ Written by `python -m attribution_course.train` (do not edit by hand; rerun the 
 
 ## What it is
 A GPT-2-architecture language model (`transformers.GPT2LMHeadModel`) with {a['n_layer']} layers,
-{a['n_head']} attention heads per layer, width {a['n_embd']}, LayerNorm, GELU MLPs and tied
-embeddings: {info['n_parameters']:,} parameters. Its tokenizer is word-level
+{a['n_head']} attention heads per layer, width {a['n_embd']}, LayerNorm, GELU MLPs and {embeddings}: {info['n_parameters']:,} parameters. Its tokenizer is word-level
 ({info['vocab_size']} tokens, whitespace-separated words, `<|endoftext|>` as beginning of sequence),
 so every name is a single token.
 
@@ -1111,6 +1158,8 @@ def parse_arguments(argv: list[str] | None = None) -> tuple[argparse.Namespace, 
     parser.add_argument("--resume", type=Path, help="continue from a saved training state")
     args = parser.parse_args(argv)
     variant_recipe, variant_dir = VARIANTS[args.variant]
+    if args.out is None and variant_dir is None:
+        parser.error(f"--variant {args.variant} has no directory in the package: give --out")
     args.out = variant_dir if args.out is None else args.out
     given = {f.name: getattr(args, f.name) for f in fields(Recipe) if getattr(args, f.name) is not None}
     try:

@@ -324,12 +324,14 @@ def _freezing_inputs(d: _Draw):  # 8.7: other prompts and head, the freezes in a
 
     p = d.prompts(2)
     noise = replacement_activations(d.model, "head", kind="patch", base_tokens=p.clean_tokens, source_tokens=p.corrupted_tokens)
-    named = diagnosis.standard_freezes(d.model, 0)
-    names = ["LayerNorm scales", "nothing", "MLP0 output"]
-    order = torch.randperm(len(names), generator=d.g).tolist()
+    layer, head = d.integer(0, d.model.cfg.n_layers - 1), d.integer(0, d.n_heads)  # a layer with later ones to freeze
+    if (layer, head) == (1, 2):  # never the notebook's L1H2
+        head = (head + d.integer(1, d.n_heads)) % d.n_heads
+    named = diagnosis.standard_freezes(d.model, layer)
+    names = ["LayerNorm scales", "nothing", f"MLP{layer} output", "later attention patterns"]
+    order = torch.randperm(len(names), generator=d.g).tolist()[: d.integer(2, len(names) + 1)]
     freezes = {names[i]: named[names[i]] for i in order}
-    head = (3 + d.integer(1, d.n_heads)) % d.n_heads  # never the notebook's L0H3
-    return [(d.model, p.clean_tokens, d.metric(p), noise, 0, head, freezes)]
+    return [(d.model, p.clean_tokens, d.metric(p), noise, layer, head, freezes)]
 
 
 PLAIN: dict[str, Callable[[torch.Generator], list[tuple]]] = {
