@@ -47,11 +47,11 @@ test: book-if-stale
 lock: $(STAMP)
 	$(BIN)/pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 
-# Retrain the shipped model (a few minutes on 2 cores).
+# Retrain the shipped model (SHIPPED_RECIPE; about 10 minutes on one thread, bit-identical weights).
 train: $(STAMP)
 	$(BIN)/python -m attribution_course.train
 
-# Retrain chapter 6's hedging variant (the shipped model's run plus a hedging phase; about 10 minutes).
+# Retrain chapter 6's hedging variant (the first model's run plus a hedging phase; about 11 minutes).
 train-variant: $(STAMP)
 	$(BIN)/python -m attribution_course.train --variant hedging
 
