@@ -288,6 +288,21 @@ def test_hidden_inputs_show_a_missing_abs_and_a_global_threshold():
         assert 0 < kept.sum() and (torch.sign(exact) != torch.sign(estimate))[kept].any()
 
 
+def test_freezing_hidden_inputs_use_a_head_whose_gaps_a_constant_answer_cannot_match():
+    """8.7: the hidden head is never the notebook's L1H2 and matters on the hidden prompts, so its gaps are far
+    above the comparison's tolerance: an answer that is right only for the notebook's head (zeros, or a literal,
+    elsewhere) fails. (With a head drawn at random, gaps of a few 1e-4 let such an answer through 11 of 40 times.)"""
+    from attribution_course import diagnosis
+    from attribution_course.grading import hidden
+
+    for seed in range(4):
+        ((model, tokens, metric, noise, layer, head, freezes),) = hidden.hidden_inputs("8.7", seed=seed)
+        assert (layer, head) != (1, 2) and layer < model.cfg.n_layers - 1
+        diag = diagnosis.diagnose(model, tokens, metric, noise, "head", freezes, components=[(layer, head)])
+        gaps = torch.stack([diag.gap(name)[layer, head] for name in freezes])
+        assert gaps.abs().max() > 0.01, (seed, layer, head, gaps)
+
+
 def test_stated_requirements_are_checked_and_explained(model):
     from attribution_course.grading.checks import call_learner_function
     from attribution_course.grading.requirements import check_requirements

@@ -320,18 +320,22 @@ def _denoising_inputs(n_prompts: int):  # 8.5, 8.6: denoising (the notebook nois
 
 def _freezing_inputs(d: _Draw):  # 8.7: other prompts and head, the freezes in another order and number
     from attribution_course import diagnosis
-    from attribution_course.patching import replacement_activations
+    from attribution_course.patching import exact_sweep, replacement_activations
 
-    p = d.prompts(2)
+    p = d.prompts(4)
     noise = replacement_activations(d.model, "head", kind="patch", base_tokens=p.clean_tokens, source_tokens=p.corrupted_tokens)
-    layer, head = d.integer(0, d.model.cfg.n_layers - 1), d.integer(0, d.n_heads)  # a layer with later ones to freeze
-    if (layer, head) == (1, 2):  # never the notebook's L1H2
-        head = (head + d.integer(1, d.n_heads)) % d.n_heads
+    metric = d.metric(p)
+    # One of the three heads that matter most on these prompts (a head that barely matters has gaps too small for a
+    # wrong answer to show), in a layer with a later one to freeze, and never the notebook's L1H2.
+    effects = exact_sweep(d.model, p.clean_tokens, metric, noise, "head")[:-1].abs()
+    ranked = [divmod(int(i), d.n_heads) for i in effects.flatten().argsort(descending=True)]
+    candidates = [lh for lh in ranked if lh != (1, 2)][:3]
+    layer, head = candidates[d.integer(0, len(candidates))]
     named = diagnosis.standard_freezes(d.model, layer)
     names = ["LayerNorm scales", "nothing", f"MLP{layer} output", "later attention patterns"]
     order = torch.randperm(len(names), generator=d.g).tolist()[: d.integer(2, len(names) + 1)]
     freezes = {names[i]: named[names[i]] for i in order}
-    return [(d.model, p.clean_tokens, d.metric(p), noise, layer, head, freezes)]
+    return [(d.model, p.clean_tokens, metric, noise, layer, head, freezes)]
 
 
 PLAIN: dict[str, Callable[[torch.Generator], list[tuple]]] = {
